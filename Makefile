@@ -1,0 +1,53 @@
+# Two commands set everything up on a fresh clone: `make demo` and `make test`.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+# A CPU build of torch lies on this machine's disk; installing it first keeps pip from
+# fetching a multi-GB CUDA build when the project asks for torch.
+TORCH_SPEC ?= torch==2.13.0
+PYTEST_ARGS ?=
+
+.PHONY: venv install install-dev demo test lint format bench clean
+
+$(PY):
+	python3 -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+
+$(VENV)/.installed: $(PY) pyproject.toml
+	$(PIP) install --quiet "$(TORCH_SPEC)"
+	$(PIP) install --quiet -e .
+	touch $@
+
+$(VENV)/.installed-dev: $(VENV)/.installed pyproject.toml
+	$(PIP) install --quiet -e ".[dev]"
+	touch $@
+
+venv: $(PY)
+install: $(VENV)/.installed
+install-dev: $(VENV)/.installed-dev
+
+## demo: run the main job on the embedded default (SQLite ./mlruns.db, local artifacts)
+demo: install
+	$(VENV)/bin/mlpipe run examples/quickstart
+	@echo
+	@echo "Look at the result:  $(VENV)/bin/mlflow ui --backend-store-uri sqlite:///mlruns.db"
+
+## test: install what the tests need and run them all (integration tests included)
+test: install-dev
+	$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing on purpose"; exit 1; fi; \
+	exit $$rc
+
+lint: install-dev
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: install-dev
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+bench: install-dev
+	@for b in benchmarks/[!_]*.py; do $(PY) $$b || exit 1; done
+
+clean:
+	rm -rf $(VENV) mlruns mlruns.db .pytest_cache

@@ -1,0 +1,140 @@
+"""Start a project's command in its own process group, stream its output, and stop it cleanly.
+
+MLflow's local backend starts ``bash -c COMMAND`` in mlpipe's own process group with the
+output going straight to the terminal; its ``cancel()`` then terminates only ``bash``, and
+nothing of the output is kept. Here the child leads a new session (so one signal reaches the
+whole tree: DataLoader workers, env activations, ``docker run``), and its output is copied to
+ours as it comes while the last lines are kept for the failure message.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Mapping
+from typing import BinaryIO
+
+TAIL_LINES = 30
+STOP_GRACE_S = 10.0
+"""How long the project gets to exit after SIGINT/SIGTERM before the group is killed."""
+
+
+class OutputTail:
+    """The last ``lines`` lines of everything the child wrote, in arrival order."""
+
+    def __init__(self, lines: int = TAIL_LINES):
+        self._lines: collections.deque[str] = collections.deque(maxlen=lines)
+        self._partial = {}
+        self._lock = threading.Lock()
+
+    def feed(self, stream: str, data: bytes) -> None:
+        with self._lock:
+            text = self._partial.pop(stream, "") + data.decode("utf-8", errors="replace")
+            *complete, rest = text.replace("\r\n", "\n").split("\n")
+            for line in complete:
+                # a progress bar rewrites its line with \r: keep its last state only
+                self._lines.append(line.rsplit("\r", 1)[-1])
+            if rest:
+                self._partial[stream] = rest
+
+    def lines(self) -> list[str]:
+        with self._lock:
+            return list(self._lines) + [p.rsplit("\r", 1)[-1] for p in self._partial.values()]
+
+
+class ProjectProcess:
+    """A running project command; ``wait()`` returns its exit code."""
+
+    def __init__(
+        self,
+        command: str,
+        cwd: str,
+        env: Mapping[str, str],
+        stdout: BinaryIO | None = None,
+        stderr: BinaryIO | None = None,
+    ):
+        self.command = command
+        self.tail = OutputTail()
+        self.proc = subprocess.Popen(
+            ["bash", "-c", command],
+            cwd=cwd,
+            env=dict(env),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+            close_fds=True,
+        )
+        self._pumps = [
+            threading.Thread(
+                target=self._pump,
+                args=(self.proc.stdout, stdout or _binary(sys.stdout), "out"),
+                daemon=True,
+            ),
+            threading.Thread(
+                target=self._pump,
+                args=(self.proc.stderr, stderr or _binary(sys.stderr), "err"),
+                daemon=True,
+            ),
+        ]
+        for pump in self._pumps:
+            pump.start()
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def poll(self) -> int | None:
+        return self.proc.poll()
+
+    def wait(self, timeout: float | None = None) -> int:
+        code = self.proc.wait(timeout=timeout)
+        for pump in self._pumps:
+            pump.join(timeout=5)
+        return code
+
+    def stop(self, signum: int = signal.SIGTERM, grace: float = STOP_GRACE_S) -> int:
+        """Send ``signum`` to the whole process group, then SIGKILL after ``grace`` seconds."""
+        self._signal_group(signum)
+        deadline = time.monotonic() + grace
+        while self.proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if self.proc.poll() is None:
+            self._signal_group(signal.SIGKILL)
+        # Children that outlived the leader (same group) get the same end.
+        self._signal_group(signal.SIGKILL)
+        return self.wait(timeout=grace)
+
+    def _signal_group(self, signum: int) -> None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.proc.pid, signum)
+
+    def _pump(self, pipe, sink: BinaryIO, name: str) -> None:
+        fd = pipe.fileno()
+        broken = False
+        while True:
+            try:
+                data = os.read(fd, 65536)
+            except OSError:
+                break
+            if not data:
+                break
+            self.tail.feed(name, data)
+            if broken:
+                continue
+            try:
+                sink.write(data)
+                sink.flush()
+            except (BrokenPipeError, ValueError, OSError):
+                broken = True  # keep draining so the child never blocks on a full pipe
+        pipe.close()
+
+
+def _binary(stream) -> BinaryIO:
+    return getattr(stream, "buffer", stream)

@@ -1,0 +1,266 @@
+"""Unit tests of mlpipe.settings: precedence, relative SQLite paths, config files, redaction."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from mlpipe.errors import ConfigError
+from mlpipe.settings import (
+    absolutize_uri,
+    is_http_uri,
+    redact_uri,
+    resolve_settings,
+    user_config_path,
+)
+
+
+@pytest.fixture
+def layers(tmp_path):
+    """A project folder with mlpipe.yaml and a user config file, each naming its own URI."""
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "mlpipe.yaml").write_text("tracking_uri: http://project:5000\n")
+    user = tmp_path / "home" / "config.yaml"
+    user.parent.mkdir()
+    user.write_text("tracking_uri: http://user:5000\nexperiment: from-user\n")
+    return project, user
+
+
+def test_resolve_settings_flag_wins_over_everything(layers, tmp_path):
+    project, user = layers
+    env = {"MLFLOW_TRACKING_URI": "http://env:5000", "MLPIPE_CONFIG": str(user)}
+    settings = resolve_settings(
+        tracking_uri="http://flag:5000", project_dir=project, env=env, cwd=tmp_path
+    )
+    assert settings.tracking_uri.value == "http://flag:5000"
+    assert settings.tracking_uri.source == "flag"
+
+
+def test_resolve_settings_environment_beats_project_file(layers, tmp_path):
+    project, user = layers
+    env = {"MLFLOW_TRACKING_URI": "http://env:5000", "MLPIPE_CONFIG": str(user)}
+    settings = resolve_settings(project_dir=project, env=env, cwd=tmp_path)
+    assert settings.tracking_uri.value == "http://env:5000"
+    assert settings.tracking_uri.source == "environment"
+
+
+def test_resolve_settings_project_file_beats_user_config(layers, tmp_path):
+    project, user = layers
+    settings = resolve_settings(project_dir=project, env={"MLPIPE_CONFIG": str(user)}, cwd=tmp_path)
+    assert settings.tracking_uri.value == "http://project:5000"
+    assert settings.tracking_uri.source == str(project / "mlpipe.yaml")
+    # a key the project file leaves out still comes from the user config
+    assert settings.experiment.value == "from-user"
+    assert settings.experiment.source == str(user)
+
+
+def test_resolve_settings_user_config_beats_default(layers, tmp_path):
+    _, user = layers
+    settings = resolve_settings(env={"MLPIPE_CONFIG": str(user)}, cwd=tmp_path)
+    assert settings.tracking_uri.value == "http://user:5000"
+    assert settings.tracking_uri.source == str(user)
+
+
+def test_resolve_settings_default_is_sqlite_in_cwd(tmp_path):
+    env = {"MLPIPE_CONFIG": str(tmp_path / "absent.yaml")}
+    settings = resolve_settings(env=env, cwd=tmp_path)
+    assert settings.tracking_uri.value == f"sqlite:///{(tmp_path / 'mlruns.db').resolve()}"
+    assert settings.tracking_uri.source == "default"
+    assert settings.experiment.value is None
+    assert settings.experiment.source == "unset"
+    assert not settings.is_server
+
+
+def test_resolve_settings_uses_process_env_and_cwd_by_default(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://from-process-env:5000")
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "exp-env")
+    settings = resolve_settings()
+    assert settings.tracking_uri.value == "http://from-process-env:5000"
+    assert settings.experiment.value == "exp-env"
+    assert settings.experiment.source == "environment"
+    assert settings.is_server
+
+
+def test_resolve_settings_default_uses_process_cwd(tmp_path):
+    # clean_env chdirs into tmp_path and points MLPIPE_CONFIG at a missing file
+    settings = resolve_settings()
+    assert settings.tracking_uri.value == f"sqlite:///{Path.cwd() / 'mlruns.db'}"
+    assert Path.cwd() == tmp_path
+
+
+def test_resolve_settings_empty_env_value_is_ignored(tmp_path):
+    env = {"MLFLOW_TRACKING_URI": "", "MLPIPE_CONFIG": str(tmp_path / "absent.yaml")}
+    settings = resolve_settings(env=env, cwd=tmp_path)
+    assert settings.tracking_uri.source == "default"
+
+
+def test_resolve_settings_experiment_flag_beats_environment(tmp_path):
+    env = {"MLFLOW_EXPERIMENT_NAME": "env-exp", "MLPIPE_CONFIG": str(tmp_path / "absent.yaml")}
+    settings = resolve_settings(experiment="flag-exp", env=env, cwd=tmp_path)
+    assert settings.experiment.value == "flag-exp"
+    assert settings.experiment.source == "flag"
+
+
+def test_resolve_settings_relative_sqlite_flag_resolved_against_cwd(tmp_path):
+    work = tmp_path / "work"
+    work.mkdir()
+    env = {"MLPIPE_CONFIG": str(tmp_path / "absent.yaml")}
+    settings = resolve_settings(tracking_uri="sqlite:///db/runs.db", env=env, cwd=work)
+    assert settings.tracking_uri.value == f"sqlite:///{(work / 'db' / 'runs.db').resolve()}"
+
+
+def test_resolve_settings_relative_sqlite_env_resolved_against_cwd(tmp_path):
+    env = {"MLFLOW_TRACKING_URI": "sqlite:///e.db", "MLPIPE_CONFIG": str(tmp_path / "absent.yaml")}
+    settings = resolve_settings(env=env, cwd=tmp_path / "sub")
+    assert settings.tracking_uri.value == f"sqlite:///{(tmp_path / 'sub' / 'e.db').resolve()}"
+
+
+def test_resolve_settings_relative_sqlite_in_config_resolved_against_its_folder(tmp_path):
+    config_dir = tmp_path / "conf"
+    config_dir.mkdir()
+    config = config_dir / "config.yaml"
+    config.write_text("tracking_uri: sqlite:///runs.db\n")
+    cwd = tmp_path / "elsewhere"
+    cwd.mkdir()
+    settings = resolve_settings(env={"MLPIPE_CONFIG": str(config)}, cwd=cwd)
+    assert settings.tracking_uri.value == f"sqlite:///{(config_dir / 'runs.db').resolve()}"
+
+
+def test_resolve_settings_relative_sqlite_in_project_file_resolved_against_project(tmp_path):
+    project = tmp_path / "proj"
+    project.mkdir()
+    (project / "mlpipe.yaml").write_text("tracking_uri: sqlite:///p.db\n")
+    settings = resolve_settings(
+        project_dir=project, env={"MLPIPE_CONFIG": str(tmp_path / "absent.yaml")}, cwd=tmp_path
+    )
+    assert settings.tracking_uri.value == f"sqlite:///{(project / 'p.db').resolve()}"
+
+
+def test_resolve_settings_absolute_sqlite_unchanged(tmp_path):
+    env = {"MLPIPE_CONFIG": str(tmp_path / "absent.yaml")}
+    settings = resolve_settings(tracking_uri="sqlite:////data/x.db", env=env, cwd=tmp_path)
+    assert settings.tracking_uri.value == "sqlite:////data/x.db"
+
+
+def test_resolve_settings_unknown_key_names_key_and_file(tmp_path):
+    config = tmp_path / "config.yaml"
+    config.write_text("tracking_uri: http://x\ntraking_uri: http://y\n")
+    with pytest.raises(ConfigError) as info:
+        resolve_settings(env={"MLPIPE_CONFIG": str(config)}, cwd=tmp_path)
+    message = str(info.value)
+    assert "traking_uri" in message
+    assert str(config) in message
+    assert "allowed: tracking_uri, registry_uri, experiment" in message
+
+
+def test_resolve_settings_unknown_key_in_project_file_is_refused(tmp_path):
+    (tmp_path / "mlpipe.yaml").write_text("experimnet: x\n")
+    with pytest.raises(ConfigError, match=r"mlpipe\.yaml: unknown key\(s\) experimnet"):
+        resolve_settings(
+            project_dir=tmp_path, env={"MLPIPE_CONFIG": str(tmp_path / "absent")}, cwd=tmp_path
+        )
+
+
+def test_resolve_settings_invalid_yaml_is_config_error(tmp_path):
+    config = tmp_path / "config.yaml"
+    config.write_text("tracking_uri: [unclosed\n")
+    with pytest.raises(ConfigError, match="is not valid YAML") as info:
+        resolve_settings(env={"MLPIPE_CONFIG": str(config)}, cwd=tmp_path)
+    assert str(config) in str(info.value)
+
+
+def test_resolve_settings_non_mapping_config_is_config_error(tmp_path):
+    config = tmp_path / "config.yaml"
+    config.write_text("- tracking_uri\n")
+    with pytest.raises(ConfigError, match="must be a mapping"):
+        resolve_settings(env={"MLPIPE_CONFIG": str(config)}, cwd=tmp_path)
+
+
+def test_resolve_settings_registry_defaults_to_tracking(tmp_path):
+    env = {"MLPIPE_CONFIG": str(tmp_path / "absent.yaml")}
+    settings = resolve_settings(tracking_uri="http://flag:5000", env=env, cwd=tmp_path)
+    assert settings.registry_uri.value == "http://flag:5000"
+    assert settings.registry_uri.source == "same as tracking_uri"
+
+
+def test_resolve_settings_registry_from_environment(tmp_path):
+    env = {
+        "MLFLOW_REGISTRY_URI": "http://registry:5000",
+        "MLPIPE_CONFIG": str(tmp_path / "absent.yaml"),
+    }
+    settings = resolve_settings(env=env, cwd=tmp_path)
+    assert settings.registry_uri.value == "http://registry:5000"
+    assert settings.registry_uri.source == "environment"
+    assert settings.tracking_uri.source == "default"
+
+
+def test_resolve_settings_keeps_databricks_uris(tmp_path):
+    env = {
+        "MLFLOW_TRACKING_URI": "databricks",
+        "MLFLOW_REGISTRY_URI": "databricks-uc",
+        "MLPIPE_CONFIG": str(tmp_path / "absent.yaml"),
+    }
+    settings = resolve_settings(env=env, cwd=tmp_path)
+    assert settings.tracking_uri.value == "databricks"
+    assert settings.registry_uri.value == "databricks-uc"
+
+
+# helpers --------------------------------------------------------------------------------------
+
+
+def test_user_config_path_prefers_mlpipe_config(tmp_path):
+    env = {"MLPIPE_CONFIG": str(tmp_path / "c.yaml"), "XDG_CONFIG_HOME": "/xdg"}
+    assert user_config_path(env) == tmp_path / "c.yaml"
+
+
+def test_user_config_path_falls_back_to_xdg():
+    assert user_config_path({"XDG_CONFIG_HOME": "/xdg"}) == Path("/xdg/mlpipe/config.yaml")
+
+
+def test_absolutize_uri_bare_path_becomes_file_uri(tmp_path):
+    assert absolutize_uri("mlruns", tmp_path) == (tmp_path / "mlruns").resolve().as_uri()
+
+
+def test_absolutize_uri_keeps_memory_sqlite(tmp_path):
+    assert absolutize_uri("sqlite:///:memory:", tmp_path) == "sqlite:///:memory:"
+
+
+def test_redact_uri_hides_user_and_password():
+    redacted = redact_uri("https://alice:hunter2@mlflow.example.com:8443/api?x=1")
+    assert redacted == "https://***@mlflow.example.com:8443/api?x=1"
+    assert "alice" not in redacted
+    assert "hunter2" not in redacted
+
+
+def test_redact_uri_hides_database_password():
+    redacted = redact_uri("postgresql://mlflow:pw123@db/mlflow")
+    assert redacted == "postgresql://***@db/mlflow"
+
+
+def test_redact_uri_leaves_uri_without_credentials():
+    assert redact_uri("http://localhost:5000") == "http://localhost:5000"
+    assert redact_uri(None) == ""
+    assert redact_uri("") == ""
+
+
+def test_redact_uri_keeps_ipv6_brackets():
+    assert redact_uri("http://u:p@[::1]:5000/x") == "http://***@[::1]:5000/x"
+
+
+@pytest.mark.parametrize(
+    ("uri", "expected"),
+    [
+        ("http://localhost:5000", True),
+        ("https://mlflow.example.com", True),
+        ("HTTPS://mlflow.example.com", True),
+        ("sqlite:///mlruns.db", False),
+        ("file:///tmp/mlruns", False),
+        ("databricks", False),
+        ("", False),
+        (None, False),
+    ],
+)
+def test_is_http_uri_only_for_http_schemes(uri, expected):
+    assert is_http_uri(uri) is expected
