@@ -69,7 +69,10 @@ class DriftFoundError(MlpipeError):
 
 
 class InterruptedRunError(MlpipeError):
-    """Ctrl-C (exit 130) or SIGTERM (exit 143) stopped a run; the run is marked KILLED."""
+    """A signal stopped a run (exit 128 + signal: Ctrl-C 130, SIGTERM 143, SIGHUP 129).
+
+    The run is marked KILLED.
+    """
 
     def __init__(self, message: str, *, signum: int = 2, run_id: str | None = None):
         super().__init__(message)

@@ -20,32 +20,41 @@ import time
 from collections.abc import Mapping
 from typing import BinaryIO
 
-TAIL_LINES = 30
+TAIL_LINES = 15
 STOP_GRACE_S = 10.0
 """How long the project gets to exit after SIGINT/SIGTERM before the group is killed."""
 
 
 class OutputTail:
-    """The last ``lines`` lines of everything the child wrote, in arrival order."""
+    """The last ``lines`` lines of each stream the child wrote.
+
+    Kept per stream: stdout and stderr arrive through separate pipes, so a merged tail
+    could let earlier stdout lines, read late, push the error line out.
+    """
 
     def __init__(self, lines: int = TAIL_LINES):
-        self._lines: collections.deque[str] = collections.deque(maxlen=lines)
-        self._partial = {}
+        self._lines: dict[str, collections.deque[str]] = {}
+        self._partial: dict[str, str] = {}
+        self._size = lines
         self._lock = threading.Lock()
 
     def feed(self, stream: str, data: bytes) -> None:
         with self._lock:
             text = self._partial.pop(stream, "") + data.decode("utf-8", errors="replace")
             *complete, rest = text.replace("\r\n", "\n").split("\n")
+            kept = self._lines.setdefault(stream, collections.deque(maxlen=self._size))
             for line in complete:
                 # a progress bar rewrites its line with \r: keep its last state only
-                self._lines.append(line.rsplit("\r", 1)[-1])
+                kept.append(line.rsplit("\r", 1)[-1])
             if rest:
                 self._partial[stream] = rest
 
-    def lines(self) -> list[str]:
+    def lines(self, stream: str) -> list[str]:
         with self._lock:
-            return list(self._lines) + [p.rsplit("\r", 1)[-1] for p in self._partial.values()]
+            kept = list(self._lines.get(stream, ()))
+            if stream in self._partial:
+                kept.append(self._partial[stream].rsplit("\r", 1)[-1])
+            return kept[-self._size :]
 
 
 class ProjectProcess:

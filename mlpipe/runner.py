@@ -231,7 +231,10 @@ def execute(plan: RunPlan, echo: Echo = lambda _msg: None) -> RunOutcome:
         raise
     if code != 0:
         tracking.finish(run_id, "FAILED")
-        tail = "\n".join("  | " + line for line in process.tail.lines())
+        tail = "\n".join(
+            [f"  out| {line}" for line in process.tail.lines("out")]
+            + [f"  err| {line}" for line in process.tail.lines("err")]
+        )
         raise ProjectCommandError(
             f"The project's command exited with code {code}; run {run_id} is marked FAILED. "
             f"Last lines of its output:\n{tail}",
@@ -372,7 +375,7 @@ def _execute_kubernetes(plan: RunPlan, tracking, experiment_id: str, echo: Echo)
 
 @contextmanager
 def _signals_raise_interrupt(run_id: str):
-    """Turn SIGINT and SIGTERM into ``InterruptedRunError`` while the project runs."""
+    """Turn SIGINT, SIGTERM and SIGHUP into ``InterruptedRunError`` while the project runs."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -383,7 +386,9 @@ def _signals_raise_interrupt(run_id: str):
             f"{name}: run {run_id} stopped and marked KILLED.", signum=signum, run_id=run_id
         )
 
-    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    # SIGHUP too: the project runs in its own session, so a closed terminal reaches only us.
+    handled = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    previous = {sig: signal.signal(sig, handler) for sig in handled}
     try:
         yield
     finally:

@@ -66,7 +66,9 @@ def alive(pid: int) -> bool:
         return False
 
 
-@pytest.mark.parametrize(("signum", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+@pytest.mark.parametrize(
+    ("signum", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143), (signal.SIGHUP, 129)]
+)
 def test_interrupt_stops_process_group_and_marks_killed(
     project_dir, runs_in, tmp_path, signum, code
 ):
@@ -93,17 +95,21 @@ def test_interrupt_stops_process_group_and_marks_killed(
     assert (proj / "checkpoint.txt").read_text() == "epoch 1\n"  # what was written is kept
 
 
-def test_dead_tracking_server_refused_fast(project_dir, tmp_path):
-    uri = f"http://127.0.0.1:{free_port()}"
+def run_against(uri: str, project: Path, cwd: Path) -> tuple[subprocess.CompletedProcess, float]:
     began = time.monotonic()
     out = subprocess.run(
-        [*MLPIPE, "run", str(project_dir("good")), "--tracking-uri", uri],
-        cwd=tmp_path,
+        [*MLPIPE, "run", str(project), "--tracking-uri", uri],
+        cwd=cwd,
         capture_output=True,
         text=True,
         timeout=60,
     )
-    elapsed = time.monotonic() - began
+    return out, time.monotonic() - began
+
+
+def test_dead_tracking_server_refused_fast(project_dir, tmp_path):
+    uri = f"http://127.0.0.1:{free_port()}"
+    out, elapsed = run_against(uri, project_dir("good"), tmp_path)
     assert out.returncode == 2, out.stderr
     assert elapsed < 10
     assert f"Tracking server {uri} does not answer" in out.stderr
@@ -117,15 +123,7 @@ def test_silent_tracking_server_refused_within_10s(project_dir, tmp_path):
         sock.bind(("127.0.0.1", 0))
         sock.listen(16)
         uri = f"http://127.0.0.1:{sock.getsockname()[1]}"
-        began = time.monotonic()
-        out = subprocess.run(
-            [*MLPIPE, "run", str(project_dir("good")), "--tracking-uri", uri],
-            cwd=tmp_path,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-        elapsed = time.monotonic() - began
+        out, elapsed = run_against(uri, project_dir("good"), tmp_path)
     assert out.returncode == 2, out.stderr
     assert elapsed < 12  # 10 s target plus interpreter start-up
     assert "does not answer" in out.stderr
