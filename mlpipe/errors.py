@@ -39,6 +39,14 @@ class ConfigError(UsageError):
     """A settings file that cannot be read or holds unknown keys."""
 
 
+class DatasetError(UsageError):
+    """A dataset that cannot be read or does not hold together; the message names the file."""
+
+
+class PreprocessingError(UsageError):
+    """A transform chain that cannot be described, logged or rebuilt exactly."""
+
+
 class TrackingUnavailableError(MlpipeError):
     """The tracking server does not answer; nothing was created."""
 
