@@ -53,6 +53,23 @@ class TrackingUnavailableError(MlpipeError):
     exit_code = 2
 
 
+class MetricsNotSentError(TrackingUnavailableError):
+    """Queued metrics or params did not reach the tracking server.
+
+    ``failed`` points were given up on after the retries (they are lost); ``pending`` points
+    were still queued when the flush timed out (the background thread keeps trying).
+    """
+
+    def __init__(self, message: str, *, failed: int = 0, pending: int = 0):
+        super().__init__(message)
+        self.failed = failed
+        self.pending = pending
+
+
+class BatcherClosedError(RuntimeError):
+    """Logging to a closed ``mlpipe.batching.MetricBatcher``: a bug in the caller, not input."""
+
+
 class ProjectCommandError(MlpipeError):
     """The project's own command exited non-zero; the run is marked FAILED."""
 

@@ -479,6 +479,11 @@ def _command(project: Project, entry: EntryPoint, checked: CheckedParams) -> str
 
 
 def _dataset_tags(plan: RunPlan) -> dict[str, str]:
+    """Tag the dataset the ``dataset_param`` names, digest included, before the run exists.
+
+    So a run is tagged even when the project's code forgets ``mlog.dataset``; a local dataset
+    that does not hold together is refused here, before anything is created.
+    """
     conv = plan.project.conventions
     version = plan.request.dataset_version
     param = conv.dataset_param if conv else None
@@ -490,20 +495,18 @@ def _dataset_tags(plan: RunPlan) -> dict[str, str]:
                 f"({param or 'not set'}) has no value in entry point {plan.entry_point.name!r}."
             )
         return {}
-    tags = {"mlpipe.dataset.uri": strip_credentials(value)}
-    name = Path(value.rstrip("/")).name or value
-    meta = Path(value) / "dataset.json"
-    if meta.is_file():
-        try:
-            declared = json.loads(meta.read_text(encoding="utf-8"))
-            name = str(declared.get("name") or name)
-            version = version or (str(declared["version"]) if declared.get("version") else None)
-        except (OSError, ValueError, AttributeError):
-            pass
-    tags["mlpipe.dataset.name"] = name
-    if version:
-        tags["mlpipe.dataset.version"] = version
-    return tags
+    if not Path(value).exists():  # a remote URI: the project's code may log its digest
+        name = Path(value.rstrip("/")).name or value
+        tags = {"mlpipe.dataset.uri": strip_credentials(value), "mlpipe.dataset.name": name}
+        return tags | ({"mlpipe.dataset.version": version} if version else {})
+    from mlpipe.dataset import build_manifest
+    from mlpipe.log import dataset_tags
+
+    try:
+        info = build_manifest(value, version=version)
+    except UsageError as exc:
+        raise UsageError(f"Parameter {param} names a dataset that cannot be used: {exc}") from exc
+    return dataset_tags(info)
 
 
 def _user() -> str:

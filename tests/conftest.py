@@ -23,6 +23,7 @@ def clean_env(monkeypatch, tmp_path):
         if name.startswith(("MLFLOW_", "MLPIPE_")):
             monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("MLPIPE_CONFIG", str(tmp_path / "no-user-config.yaml"))
+    monkeypatch.setenv("MLPIPE_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.chdir(tmp_path)
 
 
@@ -87,3 +88,79 @@ def runs_in(tmp_path):
         return client.search_runs(experiments, order_by=["attributes.start_time DESC"])
 
     return search
+
+
+def write_nifti_dataset(
+    root: Path, cases: int = 3, *, shape=(8, 8, 6), version: str | None = "v1", name: str = "toy"
+) -> Path:
+    """A small Decathlon-layout dataset of real NIfTI files (image: noise + a bright box)."""
+    import json
+
+    import nibabel as nib
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    (root / "imagesTr").mkdir(parents=True, exist_ok=True)
+    (root / "labelsTr").mkdir(parents=True, exist_ok=True)
+    affine = np.diag([1.5, 1.5, 3.0, 1.0])
+    for i in range(cases):
+        label = np.zeros(shape, dtype=np.uint8)
+        label[2:5, 2:5, 1 + i % 3 : 3 + i % 3] = 1
+        image = rng.normal(size=shape).astype(np.float32) + 3 * label
+        nib.save(nib.Nifti1Image(image, affine), root / "imagesTr" / f"case_{i}.nii.gz")
+        nib.save(nib.Nifti1Image(label, affine), root / "labelsTr" / f"case_{i}.nii.gz")
+    meta = {"name": name} | ({"version": version} if version else {})
+    (root / "dataset.json").write_text(json.dumps(meta))
+    return root
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on (at the time of asking)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    """A real ``mlflow server`` (SQLite backend, local artifacts) on a free port; its URL."""
+    import signal
+    import sys
+    import time
+
+    port = free_port()
+    proc = subprocess.Popen(
+        [
+            sys.executable, "-m", "mlflow", "server",
+            "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+            "--artifacts-destination", str(tmp_path / "server-artifacts"),
+            "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        import urllib.request
+
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                with urllib.request.urlopen(url + "/health", timeout=2) as resp:
+                    if resp.status == 200:
+                        break
+            except OSError:
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    raise RuntimeError("mlflow server did not start") from None
+                time.sleep(0.5)
+        yield url
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=5)

@@ -14,7 +14,7 @@ import pytest
 from click.testing import CliRunner
 
 from mlpipe.cli import cli
-from tests.conftest import git
+from tests.conftest import git, write_nifti_dataset
 
 
 def invoke(*args: str, env: dict | None = None):
@@ -175,9 +175,7 @@ def test_run_tracking_uri_flag_relative_sqlite(project_dir, runs_in, tmp_path):
 
 
 def test_run_dataset_tags_from_dataset_json(project_dir, runs_in, tmp_path):
-    data = tmp_path / "Task09_Spleen"
-    data.mkdir()
-    (data / "dataset.json").write_text(json.dumps({"name": "spleen", "version": "v3"}))
+    data = write_nifti_dataset(tmp_path / "Task09_Spleen", name="spleen", version="v3")
     proj = str(project_dir("good"))
     assert invoke(proj, "-P", f"data_dir={data}").exit_code == 0
     assert invoke(proj, "-P", f"data_dir={data}", "--dataset-version", "v4").exit_code == 0
@@ -186,6 +184,19 @@ def test_run_dataset_tags_from_dataset_json(project_dir, runs_in, tmp_path):
     assert older.data.tags["mlpipe.dataset.version"] == "v3"
     assert older.data.tags["mlpipe.dataset.uri"] == str(data)
     assert newer.data.tags["mlpipe.dataset.version"] == "v4"
+    digest = older.data.tags["mlpipe.dataset.digest"]
+    assert len(digest) == 64 and digest == newer.data.tags["mlpipe.dataset.digest"]
+    assert older.data.tags["mlpipe.dataset.files"] == "6"
+
+
+def test_run_refuses_a_broken_dataset_before_creating_anything(project_dir, tmp_path):
+    data = write_nifti_dataset(tmp_path / "data")
+    (data / "labelsTr" / "case_1.nii.gz").unlink()
+    result = invoke(str(project_dir("good")), "-P", f"data_dir={data}")
+    assert result.exit_code == 2
+    assert "Parameter data_dir names a dataset that cannot be used" in result.output
+    assert "case_1.nii.gz" in result.output
+    assert not (tmp_path / "mlruns.db").exists()
 
 
 def test_run_from_git_url_with_version_tags_commit(git_repo, runs_in, tmp_path):

@@ -1,8 +1,10 @@
 """The quickstart project: NIfTI in, a tiny voxel classifier, Dice out, all in one MLflow run.
 
 Small on purpose (seconds on a laptop CPU) but real: volumes are NIfTI files with an affine,
-the model is trained by gradient descent, validation cases are held out, and the metric is
-the Dice overlap that the segmentation project uses too.
+loaded and normalised by a MONAI transform chain, the model is trained by gradient descent,
+validation cases are held out, and the metric is the Dice overlap that the segmentation
+project uses too. ``mlpipe.log`` records the dataset (with its content digest), the
+preprocessing, a data profile, the metrics and an overlay picture.
 """
 
 from __future__ import annotations
@@ -10,12 +12,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 from pathlib import Path
 
 import mlflow
 import nibabel as nib
 import numpy as np
+from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged, NormalizeIntensityd
+
+import mlpipe.log as mlog
 
 
 def synthesize(out_dir: Path, count: int, size: int, seed: int) -> Path:
@@ -60,35 +64,49 @@ def dice(pred: np.ndarray, truth: np.ndarray) -> float:
     return 1.0 if total == 0 else float(2.0 * inter / total)
 
 
-def load_cases(data_dir: Path) -> list[tuple[str, np.ndarray, np.ndarray]]:
+def load_cases(pairs, transform: Compose) -> list[tuple[str, np.ndarray, np.ndarray]]:
     cases = []
-    for image_path in sorted((data_dir / "imagesTr").glob("*.nii*")):
-        label_path = data_dir / "labelsTr" / image_path.name
-        image = np.asarray(nib.load(image_path).dataobj, dtype=np.float32)
-        label = np.asarray(nib.load(label_path).dataobj) > 0
-        cases.append((image_path.name, image, label))
-    if not cases:
-        raise SystemExit(f"no volumes in {data_dir}/imagesTr")
+    for pair in pairs:
+        item = transform({"image": str(pair.image), "label": str(pair.label)})
+        cases.append((pair.case, item["image"][0].numpy(), item["label"][0].numpy() > 0))
     return cases
 
 
-def overlay(image: np.ndarray, truth: np.ndarray, pred: np.ndarray) -> np.ndarray:
-    """Middle axial slice: grey image, truth in green, prediction in red."""
-    z = image.shape[2] // 2
-    grey = image[:, :, z]
-    grey = (255 * (grey - grey.min()) / (np.ptp(grey) or 1.0)).astype(np.uint8)
-    rgb = np.stack([grey] * 3, axis=-1)
-    rgb[truth[:, :, z], 1] = 255
-    rgb[pred[:, :, z], 0] = 255
-    return np.kron(rgb, np.ones((4, 4, 1), dtype=np.uint8))
+def default_dataset(seed: int) -> Path:
+    """The built-in synthetic volumes, written once per seed into mlpipe's cache folder.
+
+    Written once and reused, so repeated runs log the same dataset digest and the UI shows
+    them as runs on one dataset version.
+    """
+    from mlpipe.dataset import default_cache_path
+
+    out_dir = default_cache_path().parent / "datasets" / f"quickstart-seed{seed}"
+    if not (out_dir / "dataset.json").is_file():
+        synthesize(out_dir, 8, 32, seed)
+        print(f"no data_dir: synthesized 8 volumes into {out_dir}", flush=True)
+    return out_dir
+
+
+def preprocessing() -> Compose:
+    """Load, channel-first, zero-mean unit-variance intensities: logged and rebuildable."""
+    keys = ["image", "label"]
+    return Compose(
+        [
+            LoadImaged(keys=keys, image_only=True),
+            EnsureChannelFirstd(keys=keys),
+            NormalizeIntensityd(keys="image"),
+        ]
+    )
 
 
 def train(args: argparse.Namespace) -> None:
-    data_dir = Path(args.data_dir) if args.data_dir else None
-    if data_dir is None:
-        data_dir = synthesize(Path(tempfile.mkdtemp(prefix="quickstart-")), 8, 32, args.seed)
-        print(f"no data_dir: synthesized 8 volumes into {data_dir}", flush=True)
-    cases = load_cases(data_dir)
+    data_dir = Path(args.data_dir) if args.data_dir else default_dataset(args.seed)
+    transform = preprocessing()
+    data = mlog.dataset(data_dir)  # name, version, content digest; refuses a broken dataset
+    mlog.preprocessing(transform, name="train")
+    mlog.data_profile(data)
+    mlog.params({"model": "voxel-logistic", "features": "intensity,neighbour-mean"})
+    cases = load_cases([p for p in data.pairs if p.split == "train"], transform)
     rng = np.random.default_rng(args.seed)
     order = rng.permutation(len(cases))
     n_val = max(1, round(args.val_fraction * len(cases)))
@@ -100,48 +118,50 @@ def train(args: argparse.Namespace) -> None:
     x = (x - mean) / std
     w, b = np.zeros(x.shape[1]), 0.0
     pos_weight = (1 - y.mean()) / max(y.mean(), 1e-6)  # the foreground is small: balance it
-    with mlflow.start_run():
-        for epoch in range(args.epochs):
-            p = 1.0 / (1.0 + np.exp(-(x @ w + b)))
-            weight = np.where(y > 0, pos_weight, 1.0)
-            loss = float(np.mean(-weight * (y * np.log(p + 1e-7) + (1 - y) * np.log(1 - p + 1e-7))))
-            grad = weight * (p - y) / len(y)
-            w -= args.lr * (x.T @ grad)
-            b -= args.lr * float(grad.sum())
-            scores = []
-            for _, img, lab in val:
-                logits = ((features(img, args.smooth) - mean) / std) @ w + b
-                scores.append(dice(logits.reshape(lab.shape) > 0, lab))
-            val_dice = float(np.mean(scores))
-            mlflow.log_metrics({"train_loss": loss, "val_dice": val_dice}, step=epoch)
-            print(
-                f"epoch {epoch + 1}/{args.epochs} train_loss={loss:.4f} val_dice={val_dice:.4f}",
-                flush=True,
-            )
-        _, img, lab = val[0]
-        pred = (((features(img, args.smooth) - mean) / std) @ w + b).reshape(lab.shape) > 0
-        mlflow.log_image(overlay(img, lab, pred), "overlays/val_case.png")
-        weights = {
-            "w": w.tolist(),
-            "b": b,
-            "mean": mean.tolist(),
-            "std": std.tolist(),
-            "smooth": args.smooth,
-        }
-        mlflow.log_dict(weights, "model/weights.json")
+    for epoch in range(args.epochs):
+        p = 1.0 / (1.0 + np.exp(-(x @ w + b)))
+        weight = np.where(y > 0, pos_weight, 1.0)
+        loss = float(np.mean(-weight * (y * np.log(p + 1e-7) + (1 - y) * np.log(1 - p + 1e-7))))
+        grad = weight * (p - y) / len(y)
+        w -= args.lr * (x.T @ grad)
+        b -= args.lr * float(grad.sum())
+        scores = []
+        for _, img, lab in val:
+            logits = ((features(img, args.smooth) - mean) / std) @ w + b
+            scores.append(dice(logits.reshape(lab.shape) > 0, lab))
+        val_dice = float(np.mean(scores))
+        mlog.metrics({"train_loss": loss, "val_dice": val_dice}, step=epoch)
+        print(
+            f"epoch {epoch + 1}/{args.epochs} train_loss={loss:.4f} val_dice={val_dice:.4f}",
+            flush=True,
+        )
+    _, img, lab = val[0]
+    pred = (((features(img, args.smooth) - mean) / std) @ w + b).reshape(lab.shape) > 0
+    spacing = nib.load(data.pairs[0].image).header.get_zooms()[:3]
+    mlog.overlay(img, label=lab, prediction=pred, step=args.epochs, name="val", spacing=spacing)
+    weights = {
+        "w": w.tolist(),
+        "b": b,
+        "mean": mean.tolist(),
+        "std": std.tolist(),
+        "smooth": args.smooth,
+    }
+    mlflow.log_dict(weights, "model/weights.json")
+    mlog.flush()
 
 
 def evaluate(args: argparse.Namespace) -> None:
     model = json.loads(Path(args.weights).read_text())
     w, b = np.array(model["w"]), model["b"]
     mean, std = np.array(model["mean"]), np.array(model["std"])
-    with mlflow.start_run():
-        scores = []
-        for _, img, lab in load_cases(Path(args.data_dir)):
-            logits = ((features(img, model["smooth"]) - mean) / std) @ w + b
-            scores.append(dice(logits.reshape(lab.shape) > 0, lab))
-        mlflow.log_metric("test_dice", float(np.mean(scores)))
-        print(f"test_dice={np.mean(scores):.4f} over {len(scores)} cases")
+    data = mlog.dataset(args.data_dir, context="test")
+    scores = []
+    for _, img, lab in load_cases(data.pairs, preprocessing()):
+        logits = ((features(img, model["smooth"]) - mean) / std) @ w + b
+        scores.append(dice(logits.reshape(lab.shape) > 0, lab))
+    mlog.metrics({"test_dice": float(np.mean(scores))})
+    mlog.flush()
+    print(f"test_dice={np.mean(scores):.4f} over {len(scores)} cases")
 
 
 def main(argv: list[str]) -> None:
@@ -155,7 +175,7 @@ def main(argv: list[str]) -> None:
     p = sub.add_parser("train")
     p.add_argument("--data-dir", default="")
     p.add_argument("--epochs", type=int, default=30)
-    p.add_argument("--lr", type=float, default=0.5)
+    p.add_argument("--lr", type=float, default=2.0)
     p.add_argument("--val-fraction", type=float, default=0.25)
     p.add_argument("--smooth", type=lambda s: s.lower() in ("true", "1", "yes"), default=True)
     p.add_argument("--seed", type=int, default=0)
