@@ -26,9 +26,10 @@ venv: $(PY)
 install: $(VENV)/.installed
 install-dev: $(VENV)/.installed-dev
 
-## demo: run the main job on the embedded default (SQLite ./mlruns.db, local artifacts)
+## demo: the main job on the embedded default (SQLite ./mlruns.db, local artifacts, synthetic
+## volumes): seg3d synthesizes its data, trains, evaluates on the test split, registers `seg3d`
 demo: install
-	$(VENV)/bin/mlpipe run examples/quickstart
+	$(VENV)/bin/mlpipe run projects/seg3d -P register=true
 	@echo
 	@echo "Look at the result:  $(VENV)/bin/mlflow ui --backend-store-uri sqlite:///mlruns.db"
 

@@ -209,8 +209,12 @@ def overlay(
     step: int | None = None,
     name: str = "overlay",
     spacing: Any = None,
+    run_id: str | None = None,
 ) -> str:
     """Log a picture of a segmentation: the most informative axial, coronal, sagittal slices.
+
+    ``run_id`` names the run explicitly, for calls from a background thread (MLflow's active
+    run is per thread, so there a helper would otherwise start a new run).
 
     Returns:
         The artifact path of the image.
@@ -220,7 +224,10 @@ def overlay(
     picture = render_overlay(image, label, prediction, spacing=spacing)
     suffix = f"_step{step:06d}" if step is not None else ""
     path = f"overlays/{name}{suffix}.png"
-    run_id, client = _run()
+    if run_id is None:
+        run_id, client = _run()
+    else:
+        client = client_for_active_uri()
     client.log_image(run_id, picture, artifact_file=path)
     return path
 
@@ -244,13 +251,21 @@ def _run(*, log_environment: bool = True) -> tuple[str, MlflowClient]:
     _flush_at_run_end()
     run = mlflow.active_run() or mlflow.start_run()
     run_id = run.info.run_id
+    client = client_for_active_uri()
+    if log_environment and run_id not in _env_logged:
+        environment()
+    return run_id, client
+
+
+def client_for_active_uri() -> MlflowClient:
+    """One cached client for the current tracking URI (clients are safe to share by threads)."""
+    import mlflow
+
     uri = mlflow.get_tracking_uri()
     client = _clients.get(uri)
     if client is None:
         client = _clients[uri] = mlflow.MlflowClient(uri)
-    if log_environment and run_id not in _env_logged:
-        environment()
-    return run_id, client
+    return client
 
 
 def _flush_at_run_end() -> None:

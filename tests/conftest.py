@@ -25,6 +25,31 @@ def clean_env(monkeypatch, tmp_path):
     monkeypatch.setenv("MLPIPE_CONFIG", str(tmp_path / "no-user-config.yaml"))
     monkeypatch.setenv("MLPIPE_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.chdir(tmp_path)
+    # In-process code (the runner) may call mlflow.set_tracking_uri/set_registry_uri, which
+    # keep the URI in module globals: without this reset, a later test's clients would reach
+    # an earlier test's store.
+    from mlflow.tracking._model_registry import utils as registry_utils
+    from mlflow.tracking._tracking_service import utils as tracking_utils
+
+    monkeypatch.setattr(registry_utils, "_registry_uri", None)
+    monkeypatch.setattr(tracking_utils, "_tracking_uri", None)
+
+
+@pytest.fixture
+def tracking(tmp_path):
+    """The fluent API pointed at a SQLite store in tmp_path; a client of it; no run left active.
+
+    ``set_tracking_uri`` also sets ``MLFLOW_TRACKING_URI`` in the environment, so it is reset.
+    """
+    import mlflow
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    mlflow.set_tracking_uri(uri)
+    yield MlflowClient(uri)
+    while mlflow.active_run():
+        mlflow.end_run()
+    mlflow.set_tracking_uri(None)
 
 
 @pytest.fixture

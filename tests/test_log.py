@@ -25,17 +25,6 @@ from tests.conftest import write_nifti_dataset
 KEYS = ["image", "label"]
 
 
-@pytest.fixture
-def tracking(tmp_path):
-    """Fluent API and clients pointed at a SQLite store in tmp_path; no run left active."""
-    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
-    mlflow.set_tracking_uri(uri)
-    yield MlflowClient(uri)
-    while mlflow.active_run():
-        mlflow.end_run()
-    mlflow.set_tracking_uri(None)
-
-
 def chain() -> Compose:
     return Compose(
         [

@@ -1,0 +1,230 @@
+"""Score a logged seg3d model on a dataset's test split: Dice, HD95 and volume error per case.
+
+It goes through the served path on purpose: the model is loaded as the pyfunc a service would
+load (``mlflow.pyfunc.load_model``) and fed file paths, and its masks, already mapped back into
+each input's own space, are compared with the label files as they are on disk. A bug in
+preprocessing, sliding-window inference or the inverse mapping lowers the score here.
+
+Metrics per case and foreground class ``c``:
+
+* ``dice_<c>``: 2|P∩G| / (|P|+|G|); NaN when the class is in neither (nothing to score),
+* ``hd95_<c>``: 95th percentile symmetric Hausdorff distance in mm (MONAI); NaN when the class
+  is in neither, and the volume's diagonal in mm (the worst possible distance) when it is in
+  only one of them, so a missed structure counts against the model instead of vanishing,
+* ``volume_error_<c>``: |V_pred - V_true| / V_true; NaN when the label has no such voxel.
+
+Means skip NaN. Logged into the active run (started if none, as MLflow's fluent API does):
+metrics ``mean_dice``, ``mean_hd95``, ``mean_volume_error``, ``mean_dice_<c>``, the per-case
+table (``evaluation/per_case.json`` for the UI, ``evaluation/per_case.csv``) and the test
+dataset as a ``test`` input.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import warnings
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from seg3d.config import Seg3dInputError
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+TABLE_ARTIFACT = "evaluation/per_case.json"
+CSV_ARTIFACT = "evaluation/per_case.csv"
+HD_PERCENTILE = 95
+
+
+def evaluate(model_uri: str, data_dir: str | os.PathLike[str], *, num_classes: int) -> dict:
+    """Predict every labelled test case one at a time, score it, log and return the means.
+
+    Args:
+        model_uri: the pyfunc, e.g. ``runs:/<run_id>/model`` or ``models:/seg3d/3``.
+        data_dir: a dataset with a test split (Decathlon ``imagesTs/`` + ``labelsTs/``, or a
+            manifest with ``split: test``); empty for the built-in synthetic dataset.
+        num_classes: classes including background; must match the model's.
+
+    Returns:
+        ``mean_dice``, ``mean_hd95``, ``mean_volume_error`` and ``mean_dice_<c>`` per class.
+
+    Raises:
+        Seg3dInputError: no labelled test case, a model that cannot be loaded or has another
+            number of classes, a label whose shape differs from its image's.
+        DatasetError: the dataset cannot be read (from ``mlpipe.dataset``).
+    """
+    import mlflow
+    import pandas as pd
+
+    import mlpipe.log as mlog
+    from mlpipe.dataset import build_manifest
+
+    if num_classes < 2:
+        raise Seg3dInputError(f"num_classes: {num_classes}; need at least 2")
+    if not str(data_dir):
+        from seg3d.synthesize import default_dataset
+
+        data_dir = default_dataset(num_classes=num_classes)
+    info = build_manifest(data_dir)
+    cases = [p for p in info.pairs if p.split == "test" and p.label is not None]
+    if not cases:
+        raise Seg3dInputError(
+            f"data_dir: {data_dir} has no labelled test case; put test images in imagesTs/ and "
+            "their labels in labelsTs/ (or give split 'test' in the manifest)"
+        )
+    model = _load_model(model_uri, num_classes)
+    # After every check, so bad input logs nothing; starts a run if none is active.
+    mlog.dataset(data_dir, context="test")
+
+    rows = []
+    for number, pair in enumerate(cases, start=1):
+        print(f"seg3d: evaluating {number}/{len(cases)} {pair.case}", file=sys.stderr, flush=True)
+        rows.append(_score_pair(model, pair, num_classes))
+    table = pd.DataFrame(rows)
+    means = summarize(table, num_classes)
+
+    mlflow.log_metrics(means)
+    mlflow.log_table(table, artifact_file=TABLE_ARTIFACT)
+    mlflow.log_text(table.to_csv(index=False), CSV_ARTIFACT)
+    print(format_summary(table, means, num_classes))
+    return means
+
+
+def score_case(
+    prediction: np.ndarray,
+    label: np.ndarray,
+    *,
+    spacing: tuple[float, ...],
+    num_classes: int,
+) -> dict[str, float]:
+    """Dice, HD95 (mm) and relative volume error of one case, per foreground class.
+
+    Args:
+        prediction: integer mask, same shape as ``label``.
+        label: integer ground truth.
+        spacing: voxel size in mm along each axis.
+        num_classes: classes including background (0, not scored).
+
+    Returns:
+        ``{"dice_<c>", "hd95_<c>", "volume_error_<c>"}`` for ``c`` in 1..num_classes-1, NaN where
+        a metric is undefined (see the module docstring).
+    """
+    if prediction.shape != label.shape:
+        raise ValueError(f"prediction shape {prediction.shape} != label shape {label.shape}")
+    diagonal = math.sqrt(sum((n * s) ** 2 for n, s in zip(label.shape, spacing, strict=True)))
+    scores: dict[str, float] = {}
+    for c in range(1, num_classes):
+        pred, true = prediction == c, label == c
+        n_pred, n_true = int(pred.sum()), int(true.sum())
+        both = int(np.logical_and(pred, true).sum())
+        if n_pred == 0 and n_true == 0:
+            dice = hd95 = math.nan
+        elif n_pred == 0 or n_true == 0:
+            dice, hd95 = 0.0, diagonal
+        else:
+            dice = 2.0 * both / (n_pred + n_true)
+            hd95 = _hd95(pred, true, spacing)
+        scores[f"dice_{c}"] = dice
+        scores[f"hd95_{c}"] = hd95
+        scores[f"volume_error_{c}"] = abs(n_pred - n_true) / n_true if n_true else math.nan
+    return scores
+
+
+def summarize(table: pd.DataFrame, num_classes: int) -> dict[str, float]:
+    """The logged means: over all cases and classes, and Dice per class; NaN skipped."""
+    classes = range(1, num_classes)
+    means = {
+        "mean_dice": _nanmean(table[[f"dice_{c}" for c in classes]]),
+        "mean_hd95": _nanmean(table[[f"hd95_{c}" for c in classes]]),
+        "mean_volume_error": _nanmean(table[[f"volume_error_{c}" for c in classes]]),
+    }
+    for c in classes:
+        means[f"mean_dice_{c}"] = _nanmean(table[[f"dice_{c}"]])
+    return means
+
+
+def format_summary(table: pd.DataFrame, means: dict[str, float], num_classes: int) -> str:
+    """A few lines for the terminal: per-class means, then the overall ones."""
+    lines = [f"{len(table)} test cases", f"{'class':>7} {'dice':>7} {'hd95_mm':>8} {'vol_err':>8}"]
+    for c in range(1, num_classes):
+        dice = _nanmean(table[[f"dice_{c}"]])
+        hd95 = _nanmean(table[[f"hd95_{c}"]])
+        error = _nanmean(table[[f"volume_error_{c}"]])
+        lines.append(f"{c:>7} {dice:7.3f} {hd95:8.2f} {error:8.3f}")
+    lines.append(
+        f"{'mean':>7} {means['mean_dice']:7.3f} {means['mean_hd95']:8.2f} "
+        f"{means['mean_volume_error']:8.3f}"
+    )
+    return "\n".join(lines)
+
+
+# internals -------------------------------------------------------------------------------------
+def _load_model(model_uri: str, num_classes: int):
+    """The pyfunc, refused if it cannot be loaded or segments another number of classes."""
+    import mlflow.pyfunc
+    from mlflow.exceptions import MlflowException
+
+    try:
+        model = mlflow.pyfunc.load_model(model_uri)
+    except MlflowException as exc:
+        raise Seg3dInputError(
+            f"model_uri: cannot load {model_uri} ({exc.message}); give runs:/<run_id>/model or "
+            "models:/<name>/<version>"
+        ) from exc
+    schema = model.metadata.get_output_schema()
+    if schema is not None:
+        found = 1 + sum(name.startswith("volume_ml_") for name in schema.input_names())
+        if found != num_classes:
+            raise Seg3dInputError(
+                f"num_classes: {num_classes}, but {model_uri} segments {found} classes; "
+                f"pass --num-classes {found}"
+            )
+    return model
+
+
+def _score_pair(model, pair, num_classes: int) -> dict:
+    import nibabel as nib
+    import pandas as pd
+
+    from seg3d.pyfunc import decode_nifti
+
+    out = model.predict(pd.DataFrame({"path": [str(pair.image)]}))
+    prediction = np.asarray(decode_nifti(out.loc[0, "mask"]).dataobj)
+    label_image = nib.load(str(pair.label))
+    label = np.rint(np.asarray(label_image.dataobj)).astype(np.int64)
+    if label.shape != prediction.shape:
+        raise Seg3dInputError(
+            f"{pair.label}: label shape {label.shape} differs from its image's "
+            f"{prediction.shape}; a label must share its image's voxel grid"
+        )
+    spacing = tuple(float(s) for s in label_image.header.get_zooms()[:3])
+    scores = score_case(prediction, label, spacing=spacing, num_classes=num_classes)
+    return {"case": pair.case, **scores}
+
+
+def _hd95(pred: np.ndarray, true: np.ndarray, spacing: tuple[float, ...]) -> float:
+    import torch
+    from monai.metrics import compute_hausdorff_distance
+
+    with warnings.catch_warnings():
+        # MONAI 1.6 calls its own deprecated get_mask_edges argument once per call.
+        warnings.filterwarnings("ignore", "monai.metrics.utils get_mask_edges", FutureWarning)
+        distance = compute_hausdorff_distance(
+            torch.from_numpy(pred[None, None]),  # batch and channel axes first
+            torch.from_numpy(true[None, None]),
+            include_background=True,
+            percentile=HD_PERCENTILE,
+            spacing=list(spacing),
+        )
+    return float(distance.item())
+
+
+def _nanmean(frame: pd.DataFrame) -> float:
+    """Mean of the non-NaN values; NaN (without numpy's warning) when there is none."""
+    values = frame.to_numpy(dtype=float).ravel()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return float(np.nanmean(values)) if values.size else math.nan
