@@ -179,3 +179,33 @@ def test_ddp_two_gloo_processes_log_once(tiny_data, tmp_path):
     assert [m.step for m in history] == [0, 1]  # one point per epoch: rank 0 alone logged
     assert len(client.list_artifacts(run.info.run_id, "overlays")) == 2
     assert run.data.params["seg3d.nproc"] == "2"
+
+
+def test_ctrl_c_marks_the_run_killed_and_keeps_the_last_checkpoint(tiny_data, tmp_path):
+    import signal
+    import time
+
+    import torch
+
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    args = [a if a != "epochs=2" else "epochs=200" for a in TINY]
+    proc = subprocess.Popen(
+        [*MLPIPE, "run", str(PROJECT), "-e", "train", "-P", f"data_dir={tiny_data}", *args],
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    seen = []
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        seen.append(line)
+        if line.startswith("epoch 3/200") or not line:
+            break
+    assert any(s.startswith("epoch 3/200") for s in seen), "".join(seen)[-3000:]
+    proc.send_signal(signal.SIGINT)
+    proc.communicate(timeout=120)
+    assert proc.returncode == 130
+    client, run = only_run(tmp_path)
+    assert run.info.status == "KILLED"
+    path = client.download_artifacts(run.info.run_id, "checkpoints/last.pt", str(tmp_path))
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    assert state["epoch"] >= 1  # epochs finished before Ctrl-C are kept
