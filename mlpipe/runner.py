@@ -177,6 +177,10 @@ def run_tags(plan: RunPlan) -> dict[str, str]:
         "mlflow.project.backend": plan.request.backend,
         "mlflow.project.env": plan.request.env_manager,
     }
+    if conv and conv.primary_metric:
+        # Recorded on the run so `mlpipe promote` compares versions on it without the project.
+        tags["mlpipe.primary_metric"] = conv.primary_metric
+        tags["mlpipe.primary_metric_goal"] = conv.primary_metric_goal or "max"
     if git.url:
         tags["mlpipe.git.url"] = git.url
         tags["mlflow.source.git.repoURL"] = git.url

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -148,20 +149,21 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.fixture
-def mlflow_server(tmp_path):
-    """A real ``mlflow server`` (SQLite backend, local artifacts) on a free port; its URL."""
+@contextlib.contextmanager
+def running_mlflow_server(backend_uri: str, artifacts: Path, *, workers: int = 1, timeout=120):
+    """A real ``mlflow server`` process on a free port until the block ends; yields its URL."""
     import signal
     import sys
     import time
+    import urllib.request
 
     port = free_port()
     proc = subprocess.Popen(
         [
             sys.executable, "-m", "mlflow", "server",
-            "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
-            "--artifacts-destination", str(tmp_path / "server-artifacts"),
-            "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+            "--backend-store-uri", backend_uri,
+            "--artifacts-destination", str(artifacts),
+            "--host", "127.0.0.1", "--port", str(port), "--workers", str(workers),
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -169,9 +171,7 @@ def mlflow_server(tmp_path):
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     try:
-        import urllib.request
-
-        deadline = time.monotonic() + 90
+        deadline = time.monotonic() + timeout
         while True:
             try:
                 with urllib.request.urlopen(url + "/health", timeout=2) as resp:
@@ -179,7 +179,7 @@ def mlflow_server(tmp_path):
                         break
             except OSError:
                 if time.monotonic() > deadline or proc.poll() is not None:
-                    raise RuntimeError("mlflow server did not start") from None
+                    raise RuntimeError(f"mlflow server on {backend_uri} did not start") from None
                 time.sleep(0.5)
         yield url
     finally:
@@ -189,3 +189,12 @@ def mlflow_server(tmp_path):
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=5)
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    """A real ``mlflow server`` (SQLite backend, local artifacts) on a free port; its URL."""
+    with running_mlflow_server(
+        f"sqlite:///{tmp_path / 'server.db'}", tmp_path / "server-artifacts"
+    ) as url:
+        yield url

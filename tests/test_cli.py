@@ -30,7 +30,9 @@ def test_import_cli_leaves_heavy_libraries_out():
     assert not [m for m in loaded if m.split(".")[0] in HEAVY]
 
 
-@pytest.mark.parametrize("args", [["--help"], ["run", "--help"], ["validate", "--help"]])
+@pytest.mark.parametrize(
+    "args", [["--help"], ["run", "--help"], ["validate", "--help"], ["promote", "--help"]]
+)
 def test_help_does_not_import_heavy_libraries(args):
     code = (
         "import sys\nfrom mlpipe.cli import cli\n"

@@ -1,0 +1,28 @@
+"""Plain-text tables for the terminal, from rows or a pandas DataFrame."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+
+def format_frame(frame: pd.DataFrame, *, empty: str = "(none)") -> str:
+    """A DataFrame as left-aligned text columns under its column names, without the index."""
+    if frame.empty:
+        return empty
+    rows = frame.astype(str).values.tolist()
+    return format_rows([str(c) for c in frame.columns], rows)
+
+
+def format_rows(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """Rows of cells under a header, left-aligned, two spaces between columns."""
+    cells = [[str(c) for c in header]] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    lines = [
+        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in cells
+    ]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
