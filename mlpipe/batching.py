@@ -65,6 +65,8 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
 from mlpipe.errors import BatcherClosedError, MetricsNotSentError
@@ -85,7 +87,14 @@ MAX_KEY_LENGTH = 250
 MAX_PARAM_VALUE_LENGTH = 6000
 MAX_BACKOFF_S = 30.0
 EXIT_TIMEOUT_S = 30.0
-"""How long process exit waits, over all batchers, for queued points to be sent."""
+"""How long process exit waits, over all batchers, for queued points to be sent.
+
+``$MLPIPE_FLUSH_TIMEOUT`` overrides it; what is still unsent then goes to the outbox."""
+FLUSH_TIMEOUT_ENV = "MLPIPE_FLUSH_TIMEOUT"
+PARENT_RUN_ENV = "MLPIPE_PARENT_RUN"
+"""Set by ``mlpipe run`` to the run id it owns: that parent marks the run's end itself."""
+OUTBOX = "outbox"
+FAILURE_TAG = "mlpipe.failure"
 
 # MLflow's rule for metric and param names on POSIX (mlflow.utils.validation): checked here, at
 # the call, so that a bad name fails in the caller's line rather than in a lost batch.
@@ -124,7 +133,8 @@ class MetricBatcher:
         self.flush_interval = float(flush_interval)
         self.max_retries = int(max_retries)
         self.retry_backoff = float(retry_backoff)
-        self._uri = redact_uri(str(getattr(client, "tracking_uri", "") or ""))
+        self._raw_uri = str(getattr(client, "tracking_uri", "") or "")
+        self._uri = redact_uri(self._raw_uri)
         self._cond = threading.Condition()
         self._metrics: deque[tuple[str, float, int, int]] = deque()
         self._params: deque[tuple[str, str]] = deque()
@@ -133,6 +143,8 @@ class MetricBatcher:
         self._metrics_queued = self._metrics_taken = self._metrics_done = 0
         self._params_queued = self._params_taken = self._params_done = 0
         self._in_flight = 0
+        # What the thread is sending now, kept so that a spill at exit includes it.
+        self._sending: tuple[list[tuple[str, float, int, int]], list[tuple[str, str]]] = ([], [])
         self._sent = 0
         self._failed = 0
         self._unreported = 0  # failed points not yet raised from flush/close
@@ -306,6 +318,42 @@ class MetricBatcher:
     def closed(self) -> bool:
         return self._closed
 
+    def spill(self, *, end_status: str | None = None, reason: str = "") -> Path | None:
+        """Write every point not yet sent (queued or being sent) to the outbox; stop sending.
+
+        For process exit with the server still down: the points outlive the process in a
+        file that :func:`replay_outbox` sends later (``mlpipe run`` when the server is back,
+        ``mlpipe doctor``). A point being sent at this moment may also arrive; the replay's
+        duplicate is harmless (MLflow stores a metric point once; a param of the same value
+        again is accepted).
+
+        Args:
+            end_status: also record that the run should end with this status on replay
+                (when no ``mlpipe run`` parent will mark it).
+            reason: why, for the ``mlpipe.failure`` tag of that end.
+
+        Returns:
+            The file written, or ``None`` when nothing was left to send.
+        """
+        with self._cond:
+            metrics = list(self._sending[0]) + list(self._metrics)
+            params = list(self._sending[1]) + list(self._params)
+            self._metrics.clear()
+            self._params.clear()
+            self._closed = self._stopping = True
+            self._cond.notify_all()
+        _untrack(self)  # spilled once: the exit hook must not write these points again
+        if not metrics and not params:
+            return None
+        records: list[dict] = [
+            {"type": "metric", "key": k, "value": v, "timestamp": t, "step": s}
+            for k, v, t, s in metrics
+        ]
+        records += [{"type": "param", "key": k, "value": v} for k, v in params]
+        if end_status:
+            records.append({"type": "end", "status": end_status, "reason": reason})
+        return write_outbox(self._raw_uri, self.run_id, records)
+
     # the background thread ------------------------------------------------------------------
     def _work(self) -> None:
         # Every flush_interval (a "tick"), or when a flush or close waits, everything queued
@@ -340,10 +388,13 @@ class MetricBatcher:
                 self._params_taken += len(params)
                 self._metrics_taken += len(metrics)
                 self._in_flight = len(params) + len(metrics)
+                self._sending = (metrics, params)
             if params:
                 self._send_params(params)
             if metrics:
                 self._send_metrics(metrics)
+            with self._cond:
+                self._sending = ([], [])
 
     def _take_params(self) -> list[tuple[str, str]]:
         taken: list[tuple[str, str]] = []
@@ -534,6 +585,31 @@ def close_run(run_id: str, timeout: float | None = 30.0) -> None:
         batcher.close(timeout)
 
 
+def close_run_or_spill(run_id: str, timeout: float | None = None) -> bool:
+    """Like :func:`close_run`, but what the server has not taken after ``timeout`` (default
+    :func:`exit_timeout`) goes to the outbox, with one warning line, instead of staying queued.
+
+    Returns:
+        True when points went to the outbox: the server did not answer.
+
+    Raises:
+        MetricsNotSentError: points were given up earlier after the retries (they are lost).
+    """
+    timeout = exit_timeout() if timeout is None else timeout
+    with _lock:
+        batchers = [b for (_, rid), b in _registry.items() if rid == run_id and not b.closed]
+    spilled = False
+    for batcher in batchers:
+        try:
+            batcher.close(timeout)
+        except MetricsNotSentError as exc:
+            if not exc.pending:
+                raise
+            _spill_unsent(batcher, exc, timeout, "as the run ended")
+            spilled = True
+    return spilled
+
+
 def _track(batcher: MetricBatcher) -> None:
     global _exit_hook_registered
     with _lock:
@@ -550,11 +626,32 @@ def _untrack(batcher: MetricBatcher) -> None:
         _open.discard(batcher)
 
 
+def exit_timeout(env: Mapping[str, str] | None = None) -> float:
+    """Seconds process exit waits for unsent points: ``$MLPIPE_FLUSH_TIMEOUT``, else 30."""
+    env = os.environ if env is None else env
+    raw = env.get(FLUSH_TIMEOUT_ENV, "")
+    try:
+        return max(float(raw), 0.0) if raw else EXIT_TIMEOUT_S
+    except ValueError:
+        logger.warning(
+            "%s=%r is not a number of seconds; using %g", FLUSH_TIMEOUT_ENV, raw, EXIT_TIMEOUT_S
+        )
+        return EXIT_TIMEOUT_S
+
+
 def _close_all_at_exit() -> None:
-    """Send what is queued before the interpreter ends; warn about what could not be."""
-    deadline = time.monotonic() + EXIT_TIMEOUT_S
+    """Send what is queued before the interpreter ends; keep in the outbox what cannot be.
+
+    When the tracking server does not take the points within :func:`exit_timeout`, they are
+    written to the outbox and one line says how many, for which run and server, and how they
+    get sent later. Then MLflow's own exit hook (it ends the active run) is made to fail fast:
+    left alone, it retries the dead server for about 4 minutes.
+    """
+    timeout = exit_timeout()
+    deadline = time.monotonic() + timeout
     with _lock:
         batchers = list(_open)
+    spilled = False
     for batcher in batchers:
         left = max(deadline - time.monotonic(), 0.0)
         try:
@@ -563,9 +660,206 @@ def _close_all_at_exit() -> None:
             else:
                 batcher.close(left)
         except MetricsNotSentError as exc:
-            logger.warning("At exit: %s", exc)
+            if not exc.pending:
+                logger.warning("At exit: %s", exc)
+                continue
+            spilled = True
+            _spill_unsent(batcher, exc, timeout, "at exit")
         except Exception as exc:  # an exit hook must not raise
             logger.warning("At exit, sending metrics of run %s failed: %s", batcher.run_id, exc)
+    if spilled:
+        os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
+        os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = "3"
+
+
+def _spill_unsent(
+    batcher: MetricBatcher, exc: MetricsNotSentError, timeout: float, when: str
+) -> None:
+    owned_by_parent = os.environ.get(PARENT_RUN_ENV) == batcher.run_id
+    with batcher._cond:
+        metrics = len(batcher._sending[0]) + len(batcher._metrics)
+        params = len(batcher._sending[1]) + len(batcher._params)
+    reason = (
+        "the tracking server did not answer when the training process ended; "
+        f"{metrics} metric points and {params} params were sent later from the outbox"
+    )
+    try:
+        path = batcher.spill(end_status=None if owned_by_parent else "FAILED", reason=reason)
+    except OSError as err:
+        logger.warning("At exit: %s (and they could not be saved: %s)", exc, err)
+        return
+    lost = f" ({exc.failed} more were given up earlier and are lost)" if exc.failed else ""
+    after = (
+        "`mlpipe run` sends them and ends the run once the server is back"
+        if owned_by_parent
+        else "`mlpipe doctor` or the next `mlpipe run` against this server sends them and "
+        "marks the run FAILED"
+    )
+    logger.warning(
+        "mlpipe: tracking server %s did not answer within %g s %s (%s): %d metric "
+        "points and %d params of run %s not sent%s; saved to %s; %s.",
+        batcher._uri or "(local store)",
+        timeout,
+        when,
+        FLUSH_TIMEOUT_ENV,
+        metrics,
+        params,
+        batcher.run_id,
+        lost,
+        path,
+        after,
+    )
+
+
+# The outbox: points and run ends that could not reach the server, one JSON-lines file each ----
+
+
+@dataclass(frozen=True)
+class Replayed:
+    """What :func:`replay_outbox` sent for one run."""
+
+    run_id: str
+    metrics: int
+    params: int
+    status: str | None
+    """The status the run was marked with, when an end was recorded."""
+    gone: bool = False
+    """The run no longer exists on the server; its records were dropped."""
+
+
+def outbox_dir(env: Mapping[str, str] | None = None) -> Path:
+    """``$MLPIPE_CACHE_DIR/outbox``, else ``$XDG_CACHE_HOME/mlpipe/outbox`` (``~/.cache``)."""
+    env = os.environ if env is None else env
+    if env.get("MLPIPE_CACHE_DIR"):
+        base = Path(env["MLPIPE_CACHE_DIR"]).expanduser()
+    else:
+        base = Path(env.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mlpipe"
+    return base / OUTBOX
+
+
+def _uri_key(uri: str) -> str:
+    # A digest, not the URI: a URI may hold a password, and it must not end up in a path.
+    import hashlib
+
+    return hashlib.sha256(uri.rstrip("/").encode("utf-8")).hexdigest()[:16]
+
+
+def write_outbox(uri: str, run_id: str, records: list[dict]) -> Path:
+    """Write records (``metric``, ``param``, ``end``) for ``run_id`` on ``uri``; the file's path.
+
+    One new file per call (a process never appends to another's file), named so that a
+    run's files sort in the order they were written.
+    """
+    folder = outbox_dir() / _uri_key(uri)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{run_id}.{time.time_ns()}.{os.getpid()}.jsonl"
+    header = {"type": "header", "run_id": run_id, "uri": redact_uri(uri), "pid": os.getpid()}
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        for record in [header, *records]:
+            fh.write(json.dumps(record) + "\n")
+    os.replace(tmp, path)  # a reader never sees half a file
+    return path
+
+
+def outbox_files(uri: str, run_id: str | None = None) -> list[Path]:
+    """The outbox files waiting for ``uri`` (and ``run_id``), oldest first."""
+    folder = outbox_dir() / _uri_key(uri)
+    if not folder.is_dir():
+        return []
+    files = sorted(folder.glob(f"{run_id or '*'}.*.jsonl"), key=lambda p: p.name.split(".")[1])
+    return files
+
+
+def replay_outbox(client: MlflowClient, run_id: str | None = None) -> list[Replayed]:
+    """Send what the outbox holds for ``client``'s server (and ``run_id``), then delete it.
+
+    Points first, then the recorded end: the run is marked with its status (``FAILED``)
+    and tagged ``mlpipe.failure`` with the reason. The records of a run that was deleted
+    or does not exist there are dropped.
+
+    Raises:
+        Exception: the client's error when the server refuses or does not answer; the files
+            are kept for the next try.
+    """
+    from mlflow.entities import Metric, Param
+
+    uri = str(client.tracking_uri)
+    by_run: dict[str, list[Path]] = {}
+    for path in outbox_files(uri, run_id):
+        by_run.setdefault(path.name.split(".")[0], []).append(path)
+    done = []
+    for rid, paths in by_run.items():
+        records = [r for path in paths for r in _read_records(path)]
+        metrics = [
+            Metric(r["key"], float(r["value"]), int(r["timestamp"]), int(r["step"]))
+            for r in records
+            if r.get("type") == "metric"
+        ]
+        params = [Param(r["key"], str(r["value"])) for r in records if r.get("type") == "param"]
+        ends = [r for r in records if r.get("type") == "end"]
+        if _run_gone(client, rid):
+            done.append(Replayed(rid, 0, 0, None, gone=True))
+        else:
+            for i in range(0, len(metrics), MAX_METRICS_PER_BATCH):
+                chunk = metrics[i : i + MAX_METRICS_PER_BATCH]
+                client.log_batch(rid, metrics=chunk, synchronous=True)
+            for i in range(0, len(params), MAX_PARAMS_PER_BATCH):
+                _send_params_leniently(client, rid, params[i : i + MAX_PARAMS_PER_BATCH])
+            status = None
+            if ends:
+                end = ends[-1]
+                status = str(end.get("status") or "FAILED")
+                if end.get("reason"):
+                    client.set_tag(rid, FAILURE_TAG, str(end["reason"])[:5000])
+                client.set_terminated(rid, status)
+            done.append(Replayed(rid, len(metrics), len(params), status))
+        for path in paths:
+            path.unlink(missing_ok=True)
+    return done
+
+
+def _run_gone(client: MlflowClient, run_id: str) -> bool:
+    """Whether the run was deleted or never existed there: its records can only be dropped."""
+    try:
+        return client.get_run(run_id).info.lifecycle_stage == "deleted"
+    except Exception as exc:
+        if getattr(exc, "error_code", "") == "RESOURCE_DOES_NOT_EXIST":
+            return True
+        raise
+
+
+def _send_params_leniently(client: MlflowClient, run_id: str, params: list) -> None:
+    # A param the server already holds with another value is refused (4xx) and would fail
+    # the batch: send one by one then, so only that one is dropped.
+    try:
+        client.log_batch(run_id, params=params, synchronous=True)
+    except Exception as exc:
+        if _retryable(exc):
+            raise
+        for param in params:
+            try:
+                client.log_batch(run_id, params=[param], synchronous=True)
+            except Exception as single:
+                if _retryable(single):
+                    raise
+                logger.warning(
+                    "Outbox: param %s of run %s refused: %s", param.key, run_id, _first_line(single)
+                )
+
+
+def _read_records(path: Path) -> list[dict]:
+    records = []
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:  # another process replayed it meanwhile
+        return []
+    for line in text.splitlines():
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            logger.warning("Outbox: skipping a damaged line in %s", path)
+    return records
 
 
 def _forget_after_fork() -> None:

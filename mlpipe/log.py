@@ -43,6 +43,7 @@ if TYPE_CHECKING:
     from mlpipe.dataset import DatasetInfo
 
 __all__ = [
+    "artifact",
     "data_profile",
     "dataset",
     "environment",
@@ -201,6 +202,89 @@ def flush(timeout: float | None = 30.0) -> None:
     flush_all(timeout=timeout)
 
 
+def artifact(
+    local_path: str | os.PathLike[str],
+    artifact_path: str | None = None,
+    *,
+    run_id: str | None = None,
+) -> str:
+    """Upload a file (a checkpoint, a report) to the run's artifacts; one clear error if it fails.
+
+    The upload is retried by MLflow's HTTP client (``MLFLOW_HTTP_REQUEST_MAX_RETRIES``, 7 by
+    default, with backoff: about 4 minutes), which rides out a tracking server or an S3 store
+    that restarts. When it still fails, the error is one line naming the file, the run, the
+    server and what to check, instead of MLflow's chain of urllib3 and requests tracebacks.
+    The local file is never touched, so a training loop may catch the error and go on::
+
+        try:
+            mlog.artifact(f"ckpt/epoch_{epoch:03d}.pt", "checkpoints")
+        except mlpipe.errors.TrackingUnavailableError as exc:
+            print(exc)  # the checkpoint is on disk; the next epoch tries again
+
+    Args:
+        local_path: the file to upload.
+        artifact_path: the folder in the run's artifacts [default: the top].
+        run_id: the run [default: the active one].
+
+    Returns:
+        The artifact's path in the run.
+
+    Raises:
+        UsageError: ``local_path`` is not a file.
+        TrackingUnavailableError: the upload failed after the retries.
+    """
+    from mlpipe.errors import TrackingUnavailableError, UsageError
+    from mlpipe.settings import redact_uri
+
+    path = Path(local_path)
+    if not path.is_file():
+        raise UsageError(f"mlog.artifact: {path} is not a file; pass the path of a file to upload.")
+    if run_id is None:
+        run_id, client = _run()
+    else:
+        client = client_for_active_uri()
+    began = time.monotonic()
+    try:
+        client.log_artifact(run_id, str(path), artifact_path)
+    except Exception as exc:
+        size = path.stat().st_size / 1e6
+        retries = os.environ.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "7")
+        error = TrackingUnavailableError(
+            f"Uploading {path.name} ({size:.1f} MB) to run {run_id} through "
+            f"{redact_uri(str(client.tracking_uri))} failed after "
+            f"{time.monotonic() - began:.0f} s and MLflow's retries "
+            f"(MLFLOW_HTTP_REQUEST_MAX_RETRIES={retries}): {_upload_reason(exc)}. The file is "
+            f"still at {path.resolve()}; upload it again once the store is back."
+        )
+        error.original = exc  # type: ignore[attr-defined]
+        # `from None`: the chain (urllib3, requests, MLflow) is ~100 lines in a training log
+        # and says less than the message; it stays reachable as `error.original`.
+        raise error from None
+    return f"{artifact_path}/{path.name}" if artifact_path else path.name
+
+
+def _upload_reason(exc: BaseException) -> str:
+    status = getattr(getattr(exc, "response", None), "status_code", None)
+    text = str(getattr(exc, "message", None) or exc)
+    lowered = text.lower()
+    server_side = (
+        "the tracking server dropped or refused the upload (its artifact store, e.g. S3, may "
+        "be down or refusing it: see the server's log)"
+    )
+    if status is not None:
+        return f"HTTP {status}: " + (server_side if status >= 500 else text.splitlines()[0][:200])
+    if "remote end closed" in lowered or "connection aborted" in lowered:
+        return server_side
+    if "too many 5" in lowered or "error code 5" in lowered:  # urllib3 / MLflow on 5xx
+        return server_side
+    if "connection refused" in lowered:
+        return "the tracking server does not answer"
+    if "timeout" in lowered or "timed out" in lowered:
+        return "the upload timed out (MLFLOW_HTTP_REQUEST_TIMEOUT)"
+    first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+    return first[:300]
+
+
 def overlay(
     image: Any,
     *,
@@ -284,15 +368,33 @@ def _flush_at_run_end() -> None:
 
     @functools.wraps(original)
     def end_run(*args: Any, **kwargs: Any) -> None:
-        from mlpipe.batching import close_run
+        from mlpipe.batching import close_run_or_spill
 
         run = mlflow.active_run()
+        spilled = False
         if run is not None:
             try:
-                close_run(run.info.run_id)
+                spilled = close_run_or_spill(run.info.run_id)
             except Exception as exc:  # the run must still end; the loss is reported
                 logger.warning("Ending run %s: %s", run.info.run_id, exc)
-        original(*args, **kwargs)
+        if not spilled:
+            original(*args, **kwargs)
+            return
+        # The server did not take the points: MLflow's own end would retry it for about
+        # 4 minutes and then raise out of the training script. One quick try; the outbox
+        # holds the points (and, without an `mlpipe run` parent, the run's end).
+        from mlpipe.tracking import bounded_http
+
+        try:
+            with bounded_http(3.0, retries=0):
+                original(*args, **kwargs)
+        except Exception as exc:
+            logger.warning(
+                "mlpipe: run %s could not be marked ended either (the tracking server does not "
+                "answer: %s)",
+                run.info.run_id if run else "?",
+                str(exc).strip().splitlines()[0][:200] if str(exc).strip() else exc,
+            )
 
     end_run._mlpipe_flushes = True  # type: ignore[attr-defined]
     fluent.end_run = end_run

@@ -22,18 +22,25 @@ from pathlib import Path
 from mlpipe import __version__
 from mlpipe.errors import (
     InterruptedRunError,
+    MlpipeError,
     ProjectCommandError,
     ProjectError,
+    TrackingUnavailableError,
     UsageError,
 )
 from mlpipe.params import CheckedParams, check_params, parse_assignments
 from mlpipe.project import EntryPoint, Project, load_project
-from mlpipe.settings import Settings, redact_uri, resolve_settings
+from mlpipe.settings import Settings, client_environ, redact_uri, resolve_settings
 from mlpipe.source import ProjectSource, resolve_source, strip_credentials
 
 ENV_MANAGERS = ("local", "uv", "virtualenv", "conda")
 BACKENDS = ("local", "kubernetes")
 KUBE_CONFIG_KEYS = ("kube-job-template-path", "repository-uri")
+FINISH_TIMEOUT_ENV = "MLPIPE_FINISH_TIMEOUT"
+FINISH_TIMEOUT_S = 300.0
+"""How long ``mlpipe run`` keeps trying to mark a run's end when the tracking server is down
+(``$MLPIPE_FINISH_TIMEOUT`` overrides it); a training of hours can wait minutes for a restart."""
+INTERRUPT_FINISH_S = 10.0
 
 Echo = Callable[[str], None]
 
@@ -141,7 +148,7 @@ def plan_run(request: RunRequest) -> RunPlan:
             experiment=request.experiment,
             project_dir=source.directory,
         )
-        experiment = settings.experiment.value or project.name or "Default"
+        experiment = settings.experiment_name(project.name or "Default")
         docker_args = _docker_args(request, project)
         _check_backend_config(request, project)
         plan = RunPlan(
@@ -198,16 +205,29 @@ def run_tags(plan: RunPlan) -> dict[str, str]:
 def execute(plan: RunPlan, echo: Echo = lambda _msg: None) -> RunOutcome:
     """Create the run and run the entry point; returns when it has finished.
 
+    When the tracking server is down as the run ends, its end is retried for
+    ``$MLPIPE_FINISH_TIMEOUT`` seconds (300), with a progress line every 15 s; what the
+    project's process could not send (``mlpipe.batching``'s outbox) is sent first.
+
     Raises:
-        TrackingUnavailableError: the tracking server does not answer (nothing created).
+        TrackingUnavailableError: the tracking server does not answer at the start (nothing
+            created), or did not answer for ``$MLPIPE_FINISH_TIMEOUT`` at the end (the end is
+            kept in the outbox for the next ``mlpipe run`` or ``mlpipe doctor``).
         ProjectCommandError: the command exited non-zero; the run is FAILED.
         InterruptedRunError: Ctrl-C or SIGTERM; the process group is stopped, the run KILLED.
     """
+    with client_environ(plan.settings):
+        return _execute(plan, echo)
+
+
+def _execute(plan: RunPlan, echo: Echo) -> RunOutcome:
     from mlpipe.tracking import Tracking, check_reachable
 
     uri = plan.settings.tracking_uri.value or ""
+    finish_wait = _finish_wait()
     check_reachable(uri)
     tracking = Tracking(plan.settings)
+    _replay_outbox(tracking, echo)
     experiment_id = tracking.experiment_id(plan.experiment)
     if plan.request.backend == "kubernetes":
         return _execute_kubernetes(plan, tracking, experiment_id, echo)
@@ -226,15 +246,15 @@ def execute(plan: RunPlan, echo: Echo = lambda _msg: None) -> RunOutcome:
     except InterruptedRunError as exc:
         if process is not None:
             process.stop(exc.signum)
-        tracking.finish(run_id, "KILLED")
+        _finish_or_report(tracking, run_id, "KILLED", echo, wait=INTERRUPT_FINISH_S)
         raise
     except BaseException:
         if process is not None:
             process.stop(signal.SIGTERM)
-        tracking.finish(run_id, "FAILED")
+        _finish_or_report(tracking, run_id, "FAILED", echo, wait=INTERRUPT_FINISH_S)
         raise
     if code != 0:
-        tracking.finish(run_id, "FAILED")
+        _finish_or_report(tracking, run_id, "FAILED", echo, wait=finish_wait)
         tail = "\n".join(
             [f"  out| {line}" for line in process.tail.lines("out")]
             + [f"  err| {line}" for line in process.tail.lines("err")]
@@ -245,7 +265,7 @@ def execute(plan: RunPlan, echo: Echo = lambda _msg: None) -> RunOutcome:
             run_id=run_id,
             returncode=code,
         )
-    tracking.finish(run_id, "FINISHED")
+    tracking.finish(run_id, "FINISHED", wait=finish_wait, echo=echo)
     summary = tracking.run_summary(run_id)
     return RunOutcome(
         run_id,
@@ -256,6 +276,43 @@ def execute(plan: RunPlan, echo: Echo = lambda _msg: None) -> RunOutcome:
         redact_uri(uri),
         link,
     )
+
+
+def _finish_wait() -> float:
+    raw = os.environ.get(FINISH_TIMEOUT_ENV, "")
+    try:
+        return max(float(raw), 0.0) if raw else FINISH_TIMEOUT_S
+    except ValueError:
+        raise UsageError(
+            f"{FINISH_TIMEOUT_ENV}={raw!r}: expected a number of seconds (default "
+            f"{FINISH_TIMEOUT_S:g})."
+        ) from None
+
+
+def _finish_or_report(tracking, run_id: str, status: str, echo: Echo, *, wait: float) -> None:
+    """Mark the run's end when it already failed: a tracking error must not hide that one."""
+    try:
+        tracking.finish(run_id, status, wait=wait, echo=echo)
+    except MlpipeError as exc:
+        echo(f"mlpipe: {exc}")
+
+
+def _replay_outbox(tracking, echo: Echo) -> None:
+    """Send what earlier runs could not (their server was down), before starting a new one."""
+    try:
+        replayed = tracking.replay_outbox()
+    except (TrackingUnavailableError, UsageError) as exc:
+        echo(f"mlpipe: warning: earlier unsent data stays in the outbox: {exc}")
+        return
+    for item in replayed:
+        if item.gone:
+            echo(f"mlpipe: dropped unsent data of run {item.run_id}: the run no longer exists")
+            continue
+        marked = f"; marked it {item.status}" if item.status else ""
+        echo(
+            f"mlpipe: sent {item.metrics} metric points and {item.params} params that run "
+            f"{item.run_id} left unsent when the tracking server was down{marked}"
+        )
 
 
 def _launch(plan: RunPlan, tracking, experiment_id: str, run_id: str):
@@ -279,6 +336,7 @@ def _launch(plan: RunPlan, tracking, experiment_id: str, run_id: str):
         get_run_env_vars,
     )
 
+    from mlpipe.batching import PARENT_RUN_ENV
     from mlpipe.launcher import ProjectProcess
 
     settings = plan.settings
@@ -287,6 +345,8 @@ def _launch(plan: RunPlan, tracking, experiment_id: str, run_id: str):
     def run_entry_point(command, work_dir, experiment_id, run_id):
         env = dict(os.environ)
         env.update(get_run_env_vars(run_id, experiment_id))
+        # mlpipe marks this run's end itself: the project's process leaves it to us.
+        env[PARENT_RUN_ENV] = run_id
         env["MLFLOW_TRACKING_URI"] = settings.tracking_uri.value or ""
         if (
             settings.registry_uri.value
@@ -359,10 +419,10 @@ def _execute_kubernetes(plan: RunPlan, tracking, experiment_id: str, echo: Echo)
             ok = submitted.wait()
     except InterruptedRunError:
         submitted.cancel()
-        tracking.finish(run_id, "KILLED")
+        _finish_or_report(tracking, run_id, "KILLED", echo, wait=INTERRUPT_FINISH_S)
         raise
     status = "FINISHED" if ok else "FAILED"
-    tracking.finish(run_id, status)
+    tracking.finish(run_id, status, wait=_finish_wait(), echo=echo)
     if not ok:
         raise ProjectCommandError(f"The Kubernetes job of run {run_id} failed.", run_id=run_id)
     summary = tracking.run_summary(run_id)

@@ -7,10 +7,11 @@ exceptions translated at this boundary into mlpipe errors with a message a user 
 from __future__ import annotations
 
 import json
+import os
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager, suppress
 from typing import TYPE_CHECKING
 
@@ -22,6 +23,45 @@ if TYPE_CHECKING:
 
 PREFLIGHT_TIMEOUT_S = 5.0
 """Budget for the tracking pre-flight: with start-up and imports, the answer comes within 10 s."""
+FINISH_PROGRESS_S = 15.0
+"""While waiting to mark a run's end, a progress line this often."""
+
+
+def server_answers(uri: str, *, timeout: float = 3.0) -> bool:
+    """Whether an ``http(s)`` tracking server answers ``/health`` now (other URIs: True)."""
+    if not is_http_uri(uri):
+        return True
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as response:
+            return response.status == 200
+    except (urllib.error.URLError, OSError, ValueError):
+        return False
+
+
+@contextmanager
+def bounded_http(timeout: float, retries: int = 0) -> Iterator[None]:
+    """Bound the MLflow client's HTTP requests in this process for the block.
+
+    MLflow reads ``MLFLOW_HTTP_REQUEST_TIMEOUT`` and ``MLFLOW_HTTP_REQUEST_MAX_RETRIES`` at
+    each request; by default a request waits 120 s and is retried 7 times with backoff, about
+    4 minutes against a dead server. These are process-wide variables: use this only where
+    mlpipe owns the process's MLflow calls (the CLI's own calls, not a training process).
+    """
+    values = {
+        "MLFLOW_HTTP_REQUEST_TIMEOUT": str(max(1, round(timeout))),
+        "MLFLOW_HTTP_REQUEST_MAX_RETRIES": str(retries),
+        "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    }
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, old in saved.items():
+            if old is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = old
 
 
 def check_reachable(uri: str, *, timeout: float = PREFLIGHT_TIMEOUT_S) -> None:
@@ -130,19 +170,97 @@ class Tracking:
         with translate_errors(f"run {run_id}"):
             self.client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
-    def finish(self, run_id: str, status: str) -> None:
-        """Mark the run terminated; retries briefly so a flaky server does not leave RUNNING."""
-        last: Exception | None = None
-        for attempt in range(3):
-            try:
-                self.client.set_terminated(run_id, status=status)
-                return
-            except Exception as exc:
-                last = exc
-                time.sleep(0.5 * (attempt + 1))
-        raise TrackingUnavailableError(
-            f"Could not mark run {run_id} {status} on {redact_uri(self.uri)}: {last}"
+    def finish(
+        self,
+        run_id: str,
+        status: str,
+        *,
+        wait: float = 10.0,
+        echo: Callable[[str], None] | None = None,
+        reason: str | None = None,
+    ) -> None:
+        """Send what the run's processes left in the outbox, then mark the run ``status``.
+
+        Keeps trying for ``wait`` seconds, so a server that restarts does not leave the run
+        RUNNING; each try is bounded (10 s, no MLflow retries) and ``echo`` gets a progress
+        line every 15 s (more often for short waits). When the server never answers, the end
+        is written to the outbox (``mlpipe.batching``): the next ``mlpipe run`` or ``mlpipe
+        doctor`` against this server marks the run FAILED, tagged ``mlpipe.failure`` with
+        the reason.
+
+        Args:
+            run_id: the run.
+            status: ``FINISHED``, ``FAILED`` or ``KILLED``.
+            wait: seconds to keep trying.
+            echo: where progress lines go.
+            reason: for a ``FAILED`` end, the ``mlpipe.failure`` tag.
+
+        Raises:
+            TrackingUnavailableError: the server did not answer within ``wait``; the message
+                says what was kept and how it gets sent.
+            UsageError, NotFoundError: the server refused (unknown run, credentials).
+        """
+        from mlpipe.batching import FAILURE_TAG, replay_outbox, write_outbox
+
+        began = time.monotonic()
+        deadline = began + wait
+        every = min(FINISH_PROGRESS_S, max(wait / 4, 2.0))
+        next_note = began + every
+        last = "no answer"
+        while True:
+            if server_answers(self.uri):
+                try:
+                    with bounded_http(10.0), translate_errors(f"run {run_id}"):
+                        replay_outbox(self.client, run_id)
+                        if reason:
+                            self.client.set_tag(run_id, FAILURE_TAG, reason[:5000])
+                        self.client.set_terminated(run_id, status=status)
+                    return
+                except TrackingUnavailableError as exc:
+                    last = str(exc)
+                except UsageError as exc:
+                    if not _server_side_error(exc):
+                        raise
+                    last = str(exc)
+            now = time.monotonic()
+            if now >= deadline:
+                break
+            if echo is not None and now >= next_note:
+                next_note = now + every
+                echo(
+                    f"mlpipe: tracking server {redact_uri(self.uri)} does not answer; still "
+                    f"trying to mark run {run_id} {status} ({now - began:.0f} s of {wait:g} s)"
+                )
+            time.sleep(min(2.0, max(deadline - now, 0.0)))
+        end_reason = reason or (
+            f"the tracking server did not answer for {wait:g} s when the run ended "
+            f"({status} at {time.strftime('%Y-%m-%d %H:%M:%S %Z')}); marked FAILED later"
         )
+        kept = write_outbox(
+            self.uri, run_id, [{"type": "end", "status": "FAILED", "reason": end_reason}]
+        )
+        raise TrackingUnavailableError(
+            f"Could not mark run {run_id} {status}: tracking server {redact_uri(self.uri)} did "
+            f"not answer for {wait:g} s (MLPIPE_FINISH_TIMEOUT; last: {_short(last, 200)}). "
+            f"The run stays RUNNING there until the next `mlpipe run` or `mlpipe doctor` "
+            f"against it marks it FAILED and sends what the run left unsent ({kept.parent})."
+        )
+
+    def replay_outbox(self) -> list:
+        """Send what earlier runs left in the outbox for this server; the ``Replayed`` list.
+
+        Called by ``mlpipe run`` before a new run and by ``mlpipe doctor``; each try is
+        bounded, and what cannot be sent stays for the next time.
+
+        Raises:
+            TrackingUnavailableError, UsageError: the server did not take it.
+        """
+        from mlpipe.batching import outbox_files, replay_outbox
+
+        if not outbox_files(self.uri):
+            return []
+        with bounded_http(10.0), translate_errors("outbox"):
+            return replay_outbox(self.client)
 
     def run_summary(self, run_id: str) -> dict:
         with translate_errors(f"run {run_id}"):
@@ -193,6 +311,16 @@ def translate_errors(what: str) -> Iterator[None]:
         if isinstance(exc, (ConnectionError, OSError)):
             raise TrackingUnavailableError(f"{what}: tracking server unreachable: {exc}") from exc
         raise
+
+
+def _server_side_error(exc: UsageError) -> bool:
+    """An MLflow error that is the server's trouble (5xx), worth trying again."""
+    cause = exc.__cause__
+    status = getattr(cause, "get_http_status_code", None)
+    try:
+        return callable(status) and int(status()) >= 500
+    except (TypeError, ValueError):
+        return False
 
 
 def _short(message: str, limit: int = 400) -> str:

@@ -16,12 +16,12 @@ REPO_ROOT = Path(__file__).parent.parent
 
 @pytest.fixture(autouse=True)
 def clean_env(monkeypatch, tmp_path):
-    """No MLFLOW_*/MLPIPE_* from the developer's shell, no user config, cwd in a temp folder.
+    """No MLFLOW_*/MLPIPE_*/AWS_* from the developer's shell, no user config, cwd in a temp folder.
 
     The default tracking URI is ./mlruns.db, so every test tracks into its own tmp_path.
     """
     for name in list(os.environ):
-        if name.startswith(("MLFLOW_", "MLPIPE_")):
+        if name.startswith(("MLFLOW_", "MLPIPE_", "AWS_")):
             monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("MLPIPE_CONFIG", str(tmp_path / "no-user-config.yaml"))
     monkeypatch.setenv("MLPIPE_CACHE_DIR", str(tmp_path / "cache"))
@@ -198,3 +198,105 @@ def mlflow_server(tmp_path):
         f"sqlite:///{tmp_path / 'server.db'}", tmp_path / "server-artifacts"
     ) as url:
         yield url
+
+
+PG = "postgresql://postgres@127.0.0.1:5432"
+S3_CREDENTIALS = {
+    "AWS_ACCESS_KEY_ID": "mlpipe-test-key-id",
+    "AWS_SECRET_ACCESS_KEY": "mlpipe-test-secret-DO-NOT-LOG",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
+"""What the *server* side gets for moto; tests scan client output and runs for these."""
+
+
+@pytest.fixture
+def postgres_db():
+    """A fresh PostgreSQL database on 127.0.0.1:5432; its SQLAlchemy URI. Dropped afterwards.
+
+    Skipped when PostgreSQL is not reachable, except under CI (``.ci/run`` starts it).
+    """
+    import uuid
+
+    psycopg = pytest.importorskip("psycopg")
+    db = f"mlpipe_{uuid.uuid4().hex[:12]}"
+    try:
+        admin = psycopg.connect(f"{PG}/test", autocommit=True, connect_timeout=5)
+    except psycopg.OperationalError as exc:
+        if os.environ.get("CI"):
+            raise
+        pytest.skip(f"PostgreSQL not reachable at 127.0.0.1:5432: {exc}")
+    admin.execute(f'CREATE DATABASE "{db}"')
+    try:
+        yield f"{PG}/{db}"
+    finally:
+        admin.execute(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)')
+        admin.close()
+
+
+@contextlib.contextmanager
+def running_moto_server(timeout: float = 60):
+    """A real ``moto_server`` (S3 emulator) on a free port; yields a namespace with its
+    ``endpoint``, a started ``process`` and ``stop()``/``start()`` to simulate an S3 outage
+    (the same port; the in-memory buckets are lost on restart, so recreate them).
+    """
+    import signal
+    import sys
+    import time
+    import types
+    import urllib.request
+
+    port = free_port()
+    endpoint = f"http://127.0.0.1:{port}"
+    moto = str(Path(sys.executable).with_name("moto_server"))
+    state = types.SimpleNamespace(endpoint=endpoint, port=port, process=None)
+
+    def start() -> None:
+        state.process = subprocess.Popen(
+            [moto, "-H", "127.0.0.1", "-p", str(port)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                with urllib.request.urlopen(endpoint + "/moto-api/", timeout=2):
+                    return
+            except OSError:
+                if time.monotonic() > deadline or state.process.poll() is not None:
+                    raise RuntimeError("moto_server did not start") from None
+                time.sleep(0.2)
+
+    def stop() -> None:
+        if state.process is None or state.process.poll() is not None:
+            return
+        os.killpg(state.process.pid, signal.SIGTERM)
+        try:
+            state.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.killpg(state.process.pid, signal.SIGKILL)
+            state.process.wait(timeout=5)
+
+    state.start, state.stop = start, stop
+    start()
+    try:
+        yield state
+    finally:
+        stop()
+
+
+@pytest.fixture
+def moto_s3():
+    """A moto S3 endpoint; ``.endpoint``, ``.client()`` (boto3 with test credentials),
+    ``.stop()``/``.start()``. No AWS variable is put into this test process's environment."""
+    boto3 = pytest.importorskip("boto3")
+    with running_moto_server() as state:
+        state.credentials = dict(S3_CREDENTIALS)
+        state.client = lambda: boto3.client(
+            "s3",
+            endpoint_url=state.endpoint,
+            aws_access_key_id=S3_CREDENTIALS["AWS_ACCESS_KEY_ID"],
+            aws_secret_access_key=S3_CREDENTIALS["AWS_SECRET_ACCESS_KEY"],
+            region_name=S3_CREDENTIALS["AWS_DEFAULT_REGION"],
+        )
+        yield state

@@ -8,7 +8,6 @@ import os
 import subprocess
 import sys
 import time
-import uuid
 import warnings
 
 import pytest
@@ -19,27 +18,13 @@ from tests.test_registry import make_version
 pytestmark = pytest.mark.integration
 
 PROCESSES = 6
-PG = "postgresql://postgres@127.0.0.1:5432"
 
 
 @pytest.fixture
-def postgres_server(tmp_path):
-    """A real ``mlflow server`` on a fresh PostgreSQL database; its URL. Dropped afterwards."""
-    psycopg = pytest.importorskip("psycopg")
-    db = f"mlpipe_reg_{uuid.uuid4().hex[:10]}"
-    try:
-        admin = psycopg.connect(f"{PG}/test", autocommit=True, connect_timeout=5)
-    except psycopg.OperationalError as exc:
-        if os.environ.get("CI"):  # .ci/run starts PostgreSQL: there, its absence is a failure
-            raise
-        pytest.skip(f"PostgreSQL not reachable at 127.0.0.1:5432: {exc}")
-    admin.execute(f'CREATE DATABASE "{db}"')
-    try:
-        with running_mlflow_server(f"{PG}/{db}", tmp_path / "pg-artifacts", workers=2) as url:
-            yield url
-    finally:
-        admin.execute(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)')
-        admin.close()
+def postgres_server(postgres_db, tmp_path):
+    """A real ``mlflow server`` on a fresh PostgreSQL database; its URL."""
+    with running_mlflow_server(postgres_db, tmp_path / "pg-artifacts", workers=2) as url:
+        yield url
 
 
 @pytest.fixture(params=["sqlite", "postgres-server"])

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 
 from mlpipe.errors import ConfigError
 from mlpipe.settings import (
+    Setting,
     absolutize_uri,
+    client_environ,
     is_http_uri,
     redact_uri,
     resolve_settings,
@@ -264,3 +267,211 @@ def test_redact_uri_keeps_ipv6_brackets():
 )
 def test_is_http_uri_only_for_http_schemes(uri, expected):
     assert is_http_uri(uri) is expected
+
+
+# issue 6: more keys, secrets, prefix, config show ---------------------------------------------
+
+
+def test_resolve_settings_new_keys_follow_the_same_precedence(tmp_path):
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "mlpipe.yaml").write_text(
+        "s3_endpoint_url: http://project-s3:9000\nexperiment_prefix: proj-\n"
+    )
+    user = tmp_path / "config.yaml"
+    user.write_text(
+        "s3_endpoint_url: http://user-s3:9000\nexperiment_prefix: user-\ntracking_username: bob\n"
+    )
+    env = {"MLPIPE_CONFIG": str(user), "MLFLOW_S3_ENDPOINT_URL": "http://env-s3:9000"}
+    settings = resolve_settings(project_dir=project, env=env, cwd=tmp_path)
+    assert settings.s3_endpoint_url == Setting("http://env-s3:9000", "environment")
+    assert settings.experiment_prefix == Setting("proj-", str(project / "mlpipe.yaml"))
+    assert settings.tracking_username == Setting("bob", str(user))
+    flagged = resolve_settings(
+        project_dir=project, env=env, cwd=tmp_path, s3_endpoint_url="http://flag-s3:9000"
+    )
+    assert flagged.s3_endpoint_url == Setting("http://flag-s3:9000", "flag")
+    env_prefix = resolve_settings(
+        project_dir=project, env={**env, "MLPIPE_EXPERIMENT_PREFIX": "env-"}, cwd=tmp_path
+    )
+    assert env_prefix.experiment_prefix == Setting("env-", "environment")
+
+
+@pytest.mark.parametrize(
+    ("key", "variable"),
+    [
+        ("tracking_password", "MLFLOW_TRACKING_PASSWORD"),
+        ("password", "MLFLOW_TRACKING_PASSWORD"),
+        ("tracking_token", "MLFLOW_TRACKING_TOKEN"),
+        ("aws_secret_access_key", "AWS_SECRET_ACCESS_KEY"),
+        ("AWS_ACCESS_KEY_ID", "AWS_ACCESS_KEY_ID"),
+    ],
+)
+def test_resolve_settings_refuses_secrets_in_files_naming_the_variable(tmp_path, key, variable):
+    config = tmp_path / "config.yaml"
+    config.write_text(f"tracking_uri: http://x:5000\n{key}: s3cret-value\n")
+    with pytest.raises(ConfigError) as info:
+        resolve_settings(env={"MLPIPE_CONFIG": str(config)}, cwd=tmp_path)
+    message = str(info.value)
+    assert key in message and variable in message and str(config) in message
+    assert "s3cret-value" not in message
+
+
+def test_resolve_settings_refuses_password_inside_a_uri_in_a_file(tmp_path):
+    (tmp_path / "mlpipe.yaml").write_text("tracking_uri: https://alice:hunter2@mlflow.example\n")
+    with pytest.raises(ConfigError, match="holds a password") as info:
+        resolve_settings(
+            project_dir=tmp_path, env={"MLPIPE_CONFIG": str(tmp_path / "no")}, cwd=tmp_path
+        )
+    assert "hunter2" not in str(info.value)
+    assert "MLFLOW_TRACKING_PASSWORD" in str(info.value)
+
+
+def test_resolve_settings_keeps_only_whether_secrets_are_set(tmp_path):
+    env = {
+        "MLPIPE_CONFIG": str(tmp_path / "absent.yaml"),
+        "MLFLOW_TRACKING_PASSWORD": "pw-123",
+        "AWS_SECRET_ACCESS_KEY": "aws-secret-456",
+    }
+    settings = resolve_settings(env=env, cwd=tmp_path)
+    secrets = {s.name: s.is_set for s in settings.secrets}
+    assert secrets == {
+        "MLFLOW_TRACKING_PASSWORD": True,
+        "MLFLOW_TRACKING_TOKEN": False,
+        "AWS_ACCESS_KEY_ID": False,
+        "AWS_SECRET_ACCESS_KEY": True,
+        "AWS_SESSION_TOKEN": False,
+    }
+    assert "pw-123" not in repr(settings) and "aws-secret-456" not in repr(settings)
+
+
+@pytest.mark.parametrize(
+    ("prefix", "experiment", "default", "expected"),
+    [
+        (None, None, "seg3d", "seg3d"),
+        ("neuro/", None, "seg3d", "neuro/seg3d"),
+        ("neuro/", "trial", "seg3d", "neuro/trial"),
+        ("neuro/", "neuro/trial", "seg3d", "neuro/trial"),  # not doubled
+        ("team-", "teamx", "seg3d", "team-teamx"),
+    ],
+)
+def test_experiment_name_prepends_prefix_once(tmp_path, prefix, experiment, default, expected):
+    env = {"MLPIPE_CONFIG": str(tmp_path / "absent.yaml")}
+    if prefix:
+        env["MLPIPE_EXPERIMENT_PREFIX"] = prefix
+    settings = resolve_settings(experiment=experiment, env=env, cwd=tmp_path)
+    assert settings.experiment_name(default) == expected
+
+
+def test_client_env_exports_file_values_only(tmp_path):
+    config = tmp_path / "config.yaml"
+    config.write_text("s3_endpoint_url: http://minio:9000\ntracking_username: carol\n")
+    settings = resolve_settings(env={"MLPIPE_CONFIG": str(config)}, cwd=tmp_path)
+    assert settings.client_env() == {
+        "MLFLOW_S3_ENDPOINT_URL": "http://minio:9000",
+        "MLFLOW_TRACKING_USERNAME": "carol",
+    }
+    from_env = resolve_settings(
+        env={"MLPIPE_CONFIG": str(config), "MLFLOW_TRACKING_USERNAME": "dave"}, cwd=tmp_path
+    )
+    assert from_env.client_env() == {"MLFLOW_S3_ENDPOINT_URL": "http://minio:9000"}
+
+
+def test_client_environ_sets_and_restores_without_overwriting(tmp_path, monkeypatch):
+    import os
+
+    config = tmp_path / "config.yaml"
+    config.write_text("s3_endpoint_url: http://minio:9000\ntracking_username: carol\n")
+    settings = resolve_settings(env={"MLPIPE_CONFIG": str(config)}, cwd=tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "already-here")
+    with client_environ(settings):
+        assert os.environ["MLFLOW_S3_ENDPOINT_URL"] == "http://minio:9000"
+        assert os.environ["MLFLOW_TRACKING_USERNAME"] == "already-here"
+    assert "MLFLOW_S3_ENDPOINT_URL" not in os.environ
+    assert os.environ["MLFLOW_TRACKING_USERNAME"] == "already-here"
+
+
+def test_run_dry_run_applies_experiment_prefix_from_project_file(project_dir):
+    from click.testing import CliRunner
+
+    from mlpipe.cli import cli
+
+    proj = project_dir("good")
+    (proj / "mlpipe.yaml").write_text("experiment_prefix: neuro/\n")
+    result = CliRunner().invoke(cli, ["run", str(proj), "--dry-run", "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["experiment"] == "neuro/good"
+    flagged = CliRunner().invoke(
+        cli, ["run", str(proj), "--dry-run", "--json", "--experiment", "x"]
+    )
+    assert json.loads(flagged.output)["experiment"] == "neuro/x"
+
+
+# mlpipe config show ------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def configured(tmp_path, monkeypatch):
+    project = tmp_path / "proj"
+    project.mkdir()
+    (project / "mlpipe.yaml").write_text(
+        "tracking_uri: http://project:5000\nexperiment_prefix: neuro/\n"
+    )
+    user = tmp_path / "user.yaml"
+    user.write_text("s3_endpoint_url: http://minio:9000\ntracking_username: erin\n")
+    monkeypatch.setenv("MLPIPE_CONFIG", str(user))
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "pw-DO-NOT-PRINT")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "aws-DO-NOT-PRINT")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIA-DO-NOT-PRINT")
+    monkeypatch.setenv("MLFLOW_REGISTRY_URI", "https://reg:pw-in-uri-DO-NOT-PRINT@reg.example")
+    return project, user
+
+
+def test_config_show_prints_values_sources_and_masks_secrets(configured):
+    from click.testing import CliRunner
+
+    from mlpipe.cli import cli
+
+    project, user = configured
+    result = CliRunner().invoke(cli, ["config", "show", "--project", str(project)])
+    assert result.exit_code == 0, result.output
+    assert "DO-NOT-PRINT" not in result.output
+    lines = {line.split()[0]: line.split() for line in result.output.splitlines() if line}
+    assert lines["tracking_uri"][1:] == ["http://project:5000", str(project / "mlpipe.yaml")]
+    assert lines["registry_uri"][1:] == ["https://***@reg.example", "environment"]
+    assert lines["experiment_prefix"][1:] == ["neuro/", str(project / "mlpipe.yaml")]
+    assert lines["s3_endpoint_url"][1:] == ["http://minio:9000", str(user)]
+    assert lines["tracking_username"][1:] == ["erin", str(user)]
+    assert lines["MLFLOW_TRACKING_PASSWORD"][1:] == ["set", "(masked)", "environment"]
+    assert lines["AWS_ACCESS_KEY_ID"][1:] == ["set", "(masked)", "environment"]
+    assert lines["MLFLOW_TRACKING_TOKEN"][1:] == ["unset", "-"]
+    assert f"read: {project / 'mlpipe.yaml'}" in result.output
+
+
+def test_config_show_json_flag_wins(configured):
+    from click.testing import CliRunner
+
+    from mlpipe.cli import cli
+
+    project, user = configured
+    result = CliRunner().invoke(
+        cli,
+        ["config", "show", "--project", str(project), "--json", "--tracking-uri", "http://f:1"],
+    )
+    assert result.exit_code == 0, result.output
+    assert "DO-NOT-PRINT" not in result.output
+    data = json.loads(result.output)
+    assert data["settings"]["tracking_uri"] == {"value": "http://f:1", "source": "flag"}
+    assert data["settings"]["AWS_SECRET_ACCESS_KEY"]["value"] == "set (masked)"
+    assert data["files"] == {str(project / "mlpipe.yaml"): True, str(user): True}
+
+
+def test_config_show_bad_file_is_an_error_with_exit_2(tmp_path):
+    from click.testing import CliRunner
+
+    from mlpipe.cli import cli
+
+    (tmp_path / "mlpipe.yaml").write_text("tracking_pasword: x\n")
+    result = CliRunner().invoke(cli, ["config", "show"])
+    assert result.exit_code == 2
+    assert "unknown key(s) tracking_pasword" in result.output
