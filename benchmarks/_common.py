@@ -52,6 +52,17 @@ def median(values: Sequence[float]) -> float:
     return statistics.median(values)
 
 
+def summary(mlpipe: str, baseline: str, ratio: float, target: str, met: bool) -> dict[str, object]:
+    """The row ``benchmarks/run_all.py`` puts in the summary table: figures as people read them."""
+    return {
+        "mlpipe": mlpipe,
+        "baseline": baseline,
+        "ratio": round(ratio, 4),
+        "target": target,
+        "met": bool(met),
+    }
+
+
 def emit(result: dict[str, object]) -> None:
     print(json.dumps(result), flush=True)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 
-from _common import bin_path, emit, machine, median, time_commands, versions
+from _common import bin_path, emit, machine, median, summary, time_commands, versions
 
 
 def main() -> None:
@@ -24,6 +24,7 @@ def main() -> None:
     times = time_commands(commands, repeats=args.repeats)
     medians = {name: median(t) for name, t in times.items()}
     base = medians["mlflow --help"]
+    worst = max(medians["mlpipe --help"], medians["mlpipe run --help"]) / base
     emit(
         {
             "name": "cli_startup",
@@ -34,6 +35,15 @@ def main() -> None:
                 "mlpipe run --help / mlflow --help": round(medians["mlpipe run --help"] / base, 4),
             },
             "target": "ratio <= 0.15",
+            "met": worst <= 0.15,
+            "summary": summary(
+                f"mlpipe --help {medians['mlpipe --help']:.3f} s; "
+                f"mlpipe run --help {medians['mlpipe run --help']:.3f} s",
+                f"mlflow --help {base:.2f} s",
+                worst,
+                "<= 0.15",
+                worst <= 0.15,
+            ),
             "versions": versions("mlpipe", "mlflow", "click"),
             "machine": machine(),
         }

@@ -13,7 +13,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from _common import bin_path, emit, machine, median, time_commands, versions
+from _common import bin_path, emit, machine, median, summary, time_commands, versions
 
 MLPROJECT = """name: trivial
 entry_points:
@@ -45,6 +45,7 @@ def main() -> None:
         }
         times = time_commands(commands, repeats=args.repeats, cwd=tmp, env=env)
     medians = {name: median(t) for name, t in times.items()}
+    ratio = medians["mlpipe run"] / medians["mlflow run"]
     emit(
         {
             "name": "run_overhead",
@@ -54,6 +55,14 @@ def main() -> None:
                 "mlpipe run / mlflow run": round(medians["mlpipe run"] / medians["mlflow run"], 3)
             },
             "target": "ratio <= 1.10",
+            "met": ratio <= 1.10,
+            "summary": summary(
+                f"mlpipe run {medians['mlpipe run']:.2f} s",
+                f"mlflow run {medians['mlflow run']:.2f} s (--env-manager local)",
+                ratio,
+                "<= 1.10",
+                ratio <= 1.10,
+            ),
             "versions": versions("mlpipe", "mlflow"),
             "machine": machine(),
         }

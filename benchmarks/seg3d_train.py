@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import emit, machine, median, versions
+from _common import emit, machine, median, summary, versions
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "projects" / "seg3d"))
 
@@ -101,6 +101,13 @@ def main() -> None:
                 "ratio": {"logging on / off (epoch loop)": round(on / off, 3)},
                 "target": "at most 1.03",
                 "met": on / off <= 1.03,
+                "summary": summary(
+                    f"logging on {on:.2f} s ({args.epochs} epochs, {args.count} x {args.size}^3)",
+                    f"logging off {off:.2f} s",
+                    on / off,
+                    "<= 1.03",
+                    on / off <= 1.03,
+                ),
                 "samples_per_s": round(median([h["samples_per_s"] for h in history]), 2),
                 "epoch_s": round(median(epochs), 3),
                 "data_loading_share": round(median([h["data_loading_share"] for h in history]), 3),
