@@ -247,9 +247,24 @@ def _runs_by_id(tracking: Tracking, run_ids: Sequence[str]) -> list[Run]:
     return runs
 
 
+def _experiment_id(tracking: Tracking, name: str) -> str:
+    """The team's prefixed experiment (``neuro/seg3d`` for ``seg3d``), else ``name`` as given.
+
+    ``mlpipe run`` files runs under ``experiment_prefix``, so the name a researcher types
+    finds them; a name outside the prefix (another team's) still works as written.
+    """
+    prefixed = tracking.settings.prefixed(name)
+    if prefixed != name:
+        try:
+            return tracking.experiment_id(prefixed, create=False)
+        except NotFoundError:
+            pass
+    return tracking.experiment_id(name, create=False)
+
+
 def _runs_of_experiment(tracking: Tracking, request: CompareRequest) -> tuple[list[Run], list[str]]:
     assert request.experiment is not None
-    experiment_id = tracking.experiment_id(request.experiment, create=False)
+    experiment_id = _experiment_id(tracking, request.experiment)
     top = request.top or DEFAULT_TOP
     notes: list[str] = []
     where = f"experiment {request.experiment!r}" + (

@@ -765,12 +765,15 @@ def write_report(report: DriftReport, new_profiles: Sequence[dict], folder: Path
 
 
 def monitoring_experiment(tracking: Tracking, model: ModelRef) -> str:
-    """``<model>-monitoring``; for an unregistered ``runs:/`` model, after its run's experiment."""
+    """``<model>-monitoring``; for an unregistered ``runs:/`` model, after its run's experiment.
+
+    Under the team's ``experiment_prefix``, like every experiment mlpipe creates.
+    """
     if model.name:
-        return model.name + MONITORING_SUFFIX
+        return tracking.settings.prefixed(model.name + MONITORING_SUFFIX)
     with translate_errors(f"experiment {model.experiment_id}"):
         name = tracking.client.get_experiment(model.experiment_id).name
-    return name + MONITORING_SUFFIX
+    return tracking.settings.prefixed(name + MONITORING_SUFFIX)
 
 
 def log_report(tracking: Tracking, report: DriftReport, *, experiment: str | None = None) -> str:

@@ -110,7 +110,10 @@ class Settings:
         starts with it: a team's runs land under its prefix even when someone passes
         ``--experiment``, and passing the full name does not double it.
         """
-        name = self.experiment.value or default
+        return self.prefixed(self.experiment.value or default)
+
+    def prefixed(self, name: str) -> str:
+        """``name`` with ``experiment_prefix`` in front, unless it already starts with it."""
         prefix = self.experiment_prefix.value or ""
         return name if name.startswith(prefix) else prefix + name
 
@@ -135,7 +138,7 @@ class Settings:
         for key in CONFIG_KEYS:
             setting: Setting = getattr(self, key)
             value = setting.value
-            shown = redact_uri(value) if key.endswith(("_uri", "_url")) else value
+            shown = redact_uri(value) if value and key.endswith(("_uri", "_url")) else value
             source = setting.source
             if key == "experiment" and setting.value is None:
                 source = "unset: mlpipe run uses the MLproject's name"

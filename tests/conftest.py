@@ -168,6 +168,9 @@ def running_mlflow_server(backend_uri: str, artifacts: Path, *, workers: int = 1
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,
+        # MLflow 3 starts a job runner and two huey consumers by default (GenAI jobs that no
+        # test uses); they cost 2 cores of start-up time on every server the tests start
+        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     try:

@@ -115,6 +115,20 @@ def test_compare_two_runs_shows_differing_params_metrics_and_tags(runs):
     assert "Compare in the MLflow UI" not in out  # SQLite: no server link
 
 
+def test_compare_experiment_name_takes_the_team_prefix(tracking, monkeypatch):
+    """``mlpipe run`` files runs under experiment_prefix; ``--experiment seg3d`` finds them."""
+    ours = make_run(tracking, "neuro/seg3d", name="ours", params={"lr": "1"}, metrics={})
+    theirs = make_run(tracking, "other", name="theirs", params={"lr": "2"}, metrics={})
+    monkeypatch.setenv("MLPIPE_EXPERIMENT_PREFIX", "neuro/")
+    result = invoke("--experiment", "seg3d")
+    assert result.exit_code == 0, result.output
+    assert ours[:8] in result.output and theirs[:8] not in result.output
+    # a name outside the prefix still works as written
+    result = invoke("--experiment", "other")
+    assert result.exit_code == 0, result.output
+    assert theirs[:8] in result.output
+
+
 def test_compare_points_out_a_different_dataset_digest(runs):
     result = invoke(runs["b"], runs["c"])
     assert result.exit_code == 0, result.output

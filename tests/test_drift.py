@@ -434,6 +434,16 @@ def test_check_is_logged_as_a_monitoring_run(trained, new_data, tmp_path):
     assert f"mlflow ui --backend-store-uri {trained.uri}" in result.output
 
 
+def test_monitoring_run_goes_under_the_team_prefix(trained, new_data, monkeypatch):
+    monkeypatch.setenv("MLPIPE_EXPERIMENT_PREFIX", "neuro/")
+    result = drift(trained, f"models:/{MODEL}/1", str(new_data["spacing"]))
+    assert result.exit_code == 4, result.output
+    run_id = result.output.split("Logged as run ")[1].split()[0]
+    run = trained.client.get_run(run_id)
+    experiment = trained.client.get_experiment(run.info.experiment_id)
+    assert experiment.name == f"neuro/{MODEL}-monitoring"
+
+
 def test_new_profile_has_the_training_profile_format(trained, new_data, tmp_path):
     result = drift(trained, f"models:/{MODEL}/1", str(new_data["seed1"]), "--no-log")
     assert result.exit_code == 0, result.output

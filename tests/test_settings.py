@@ -475,3 +475,16 @@ def test_config_show_bad_file_is_an_error_with_exit_2(tmp_path):
     result = CliRunner().invoke(cli, ["config", "show"])
     assert result.exit_code == 2
     assert "unknown key(s) tracking_pasword" in result.output
+
+
+def test_config_show_marks_unset_urls(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from mlpipe.cli import cli
+
+    monkeypatch.setenv("MLPIPE_CONFIG", str(tmp_path / "none.yaml"))
+    monkeypatch.delenv("MLFLOW_S3_ENDPOINT_URL", raising=False)
+    result = CliRunner().invoke(cli, ["config", "show", "--project", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    row = next(line for line in result.output.splitlines() if line.startswith("s3_endpoint_url"))
+    assert row.split()[1:] == ["-", "unset"]
