@@ -30,7 +30,11 @@ BENCHMARKS: list[tuple[str, list[str], int]] = [
     ("metrics_logging", [], 240),
     ("dataset_digest", ["--repeats", "5"], 180),
     ("seg3d_train", ["--repeats", "3"], 300),
-    ("seg3d_vs_monai", ["--count", "8", "--size", "48", "--patch", "32", "--epochs", "6"], 300),
+    (
+        "seg3d_vs_monai",
+        ["--count", "8", "--size", "48", "--patch", "32", "--epochs", "6", "--repeats", "2"],
+        300,
+    ),
     ("artifact_upload", ["--size-mb", "200", "--repeats", "3"], 300),
     ("serving", ["--requests", "200", "--concurrency", "8"], 300),
 ]

@@ -7,7 +7,7 @@ mixed precision and ``cudnn.benchmark`` on CUDA, sliding-window validation with
 ``DiceMetric``. seg3d trains the same UNet on the same train/validation split inside a real
 MLflow run (SQLite in a temporary folder) with every ``mlpipe.log`` call a project run makes:
 dataset manifest, preprocessing, profile, per-epoch metrics, overlays, checkpoints uploaded
-each epoch. The two alternate round by round.
+each epoch. The two alternate round by round, each round of each side in a fresh process.
 
 Figures for each: samples/s, seconds per training epoch, the whole loop (validation, logging
 and checkpoints included), peak GPU memory, the training time until ``val_dice`` first reaches
@@ -196,6 +196,57 @@ def figures(runs: list[dict], target: float) -> dict:
     }
 
 
+SIDES = {"seg3d": "seg3d (mlpipe, logging on)", "plain": "plain MONAI"}
+
+
+def one_side(args) -> None:
+    """Child process: one round of one side on the prepared data; prints its history as JSON.
+
+    Each round runs in a fresh process because in one shared process the side that ran
+    second was measured up to 20 % faster or slower on a CPU (allocator state, threads and
+    caches the other side left behind), which is not a property of either loop.
+    """
+    import json
+
+    import mlflow
+    import torch
+
+    from mlpipe.dataset import build_manifest
+    from seg3d.checks import split_cases
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    data = Path(args.data)
+    if args.side == "seg3d":
+        mlflow.set_experiment("seg3d-vs-monai")
+        result = seg3d_logged(data, args)
+    else:
+        train_pairs, val_pairs = split_cases(build_manifest(data).pairs, 0.2, 0)
+        items = [{"image": str(p.image), "label": str(p.label)} for p in train_pairs]
+        val_items = [{"image": str(p.image), "label": str(p.label)} for p in val_pairs]
+        result = plain_monai(items, val_items, args, device)
+    device_name = torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu"
+    print(json.dumps({**result, "device": device_name}), flush=True)
+
+
+def run_side(side: str, data: Path, tmp: str, argv: list[str]) -> dict:
+    import json
+    import subprocess
+
+    env = {
+        **os.environ,
+        "MLPIPE_CACHE_DIR": str(Path(tmp) / "cache"),
+        "MLFLOW_TRACKING_URI": f"sqlite:///{tmp}/mlruns.db",
+    }
+    proc = subprocess.run(
+        [sys.executable, __file__, *argv, "--side", side, "--data", str(data)],
+        env=env,
+        stdout=subprocess.PIPE,
+        text=True,
+        check=True,
+    )
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--count", type=int, default=8)
@@ -207,45 +258,40 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--target-dice", type=float, default=0.9)
     parser.add_argument("--amp", type=lambda s: s.lower() in ("1", "true", "yes"), default=True)
+    parser.add_argument("--side", choices=sorted(SIDES), help=argparse.SUPPRESS)
+    parser.add_argument("--data", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.side:
+        one_side(args)
+        return
+    argv = sys.argv[1:]
 
-    import mlflow
-    import torch
-
-    from mlpipe.dataset import build_manifest
-    from seg3d.checks import split_cases
     from seg3d.synthesize import synthesize
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     with tempfile.TemporaryDirectory(prefix="seg3d-vs-monai-") as tmp:
-        os.environ["MLPIPE_CACHE_DIR"] = str(Path(tmp) / "cache")
         data = synthesize(Path(tmp) / "data", args.count, args.size, 3, 0)
-        train_pairs, val_pairs = split_cases(build_manifest(data).pairs, 0.2, 0)
-        items = [{"image": str(p.image), "label": str(p.label)} for p in train_pairs]
-        val_items = [{"image": str(p.image), "label": str(p.label)} for p in val_pairs]
-        mlflow.set_tracking_uri(f"sqlite:///{tmp}/mlruns.db")
-        mlflow.set_experiment("seg3d-vs-monai")
-        runs: dict[str, list[dict]] = {"seg3d (mlpipe, logging on)": [], "plain MONAI": []}
-        for _ in range(args.repeats):
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats()
-            runs["seg3d (mlpipe, logging on)"].append(seg3d_logged(data, args))
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats()
-            runs["plain MONAI"].append(plain_monai(items, val_items, args, device))
+        runs: dict[str, list[dict]] = {name: [] for name in SIDES.values()}
+        device = "cpu"
+        for round_ in range(args.repeats):
+            # alternate which side goes first, so neither always has the warmer machine
+            order = list(SIDES) if round_ % 2 == 0 else list(SIDES)[::-1]
+            for side in order:
+                result = run_side(side, data, tmp, argv)
+                device = result.pop("device")
+                runs[SIDES[side]].append(result)
         out = {name: figures(r, args.target_dice) for name, r in runs.items()}
     mine, base = out["seg3d (mlpipe, logging on)"], out["plain MONAI"]
     ratio = mine["epoch_s"] / base["epoch_s"]
     emit(
         {
             "name": "seg3d_vs_monai",
-            "device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu",
+            "device": device,
             "volumes": args.count,
             "size": args.size,
             "patch": args.patch,
             "epochs": args.epochs,
             "repeats": args.repeats,
-            "amp": args.amp and device.type == "cuda",
+            "amp": args.amp and device != "cpu",
             "figures": out,
             "ratio": {"seg3d / plain MONAI (epoch time)": round(ratio, 3)},
             "target": f"at most {TARGET_RATIO}",

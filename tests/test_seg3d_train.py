@@ -189,6 +189,7 @@ def test_ctrl_c_marks_the_run_killed_and_keeps_the_last_checkpoint(tiny_data, tm
 
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     args = [a if a != "epochs=2" else "epochs=200" for a in TINY]
+    args += ["-P", "checkpoint_every_s=0"]  # every epoch: the test checks the last one is kept
     proc = subprocess.Popen(
         [*MLPIPE, "run", str(PROJECT), "-e", "train", "-P", f"data_dir={tiny_data}", *args],
         cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -209,3 +210,24 @@ def test_ctrl_c_marks_the_run_killed_and_keeps_the_last_checkpoint(tiny_data, tm
     path = client.download_artifacts(run.info.run_id, "checkpoints/last.pt", str(tmp_path))
     state = torch.load(path, map_location="cpu", weights_only=True)
     assert state["epoch"] >= 1  # epochs finished before Ctrl-C are kept
+
+
+def test_checkpoint_due_first_better_last_and_by_time():
+    from seg3d.train import checkpoint_due
+
+    # the first epoch, a better val_dice and the last epoch always write one
+    assert checkpoint_due(30, None, improved=False, last=False, now=0.0)
+    assert checkpoint_due(30, 100.0, improved=True, last=False, now=101.0)
+    assert checkpoint_due(30, 100.0, improved=False, last=True, now=101.0)
+    # between them, once the interval has passed
+    assert not checkpoint_due(30, 100.0, improved=False, last=False, now=129.9)
+    assert checkpoint_due(30, 100.0, improved=False, last=False, now=130.0)
+    # 0: every epoch
+    assert checkpoint_due(0, 100.0, improved=False, last=False, now=100.1)
+
+
+def test_negative_checkpoint_interval_is_refused_naming_it():
+    from seg3d.config import Seg3dInputError, TrainConfig
+
+    with pytest.raises(Seg3dInputError, match="checkpoint_every_s: -1"):
+        TrainConfig(data_dir="x", checkpoint_every_s=-1).check()

@@ -39,6 +39,7 @@ def _train_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--amp", type=_bool, default=True)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-minutes", type=float, default=0.0)
+    parser.add_argument("--checkpoint-every-s", type=float, default=30.0)
     parser.add_argument("--resume-from", default="")
     parser.add_argument("--register", type=_bool, default=False)
     parser.add_argument("--nproc", type=int, default=1)
@@ -63,6 +64,7 @@ def config_from(args: argparse.Namespace) -> TrainConfig:
         amp=args.amp,
         seed=args.seed,
         max_minutes=args.max_minutes,
+        checkpoint_every_s=args.checkpoint_every_s,
         resume_from=args.resume_from,
         register=args.register,
         nproc=args.nproc,

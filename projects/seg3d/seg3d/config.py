@@ -36,6 +36,8 @@ class TrainConfig:
     amp: bool = True
     seed: int = 0
     max_minutes: float = 0.0
+    checkpoint_every_s: float = 30.0
+    """``last.pt`` at most once per this many seconds (0: every epoch); see ``train``."""
     resume_from: str = ""
     register: bool = False
     nproc: int = 1
@@ -66,6 +68,11 @@ class TrainConfig:
             )
         if self.epochs < 1 or self.batch_size < 1 or self.val_every < 1:
             raise Seg3dInputError("epochs, batch_size and val_every must be at least 1")
+        if self.checkpoint_every_s < 0:
+            raise Seg3dInputError(
+                f"checkpoint_every_s: {self.checkpoint_every_s}; expected 0 (every epoch) or "
+                "more seconds"
+            )
         if not 0.0 < self.val_fraction < 1.0:
             raise Seg3dInputError(
                 f"val_fraction: {self.val_fraction}; expected a fraction between 0 and 1"
