@@ -29,13 +29,13 @@ BENCHMARKS: list[tuple[str, list[str], int]] = [
     ("run_overhead", ["--repeats", "5"], 240),
     ("metrics_logging", [], 240),
     ("dataset_digest", ["--repeats", "5"], 180),
-    ("seg3d_train", ["--repeats", "3"], 300),
+    ("seg3d_train", ["--repeats", "5"], 420),
     (
         "seg3d_vs_monai",
         ["--count", "8", "--size", "48", "--patch", "32", "--epochs", "6", "--repeats", "2"],
         300,
     ),
-    ("artifact_upload", ["--size-mb", "200", "--repeats", "3"], 300),
+    ("artifact_upload", ["--size-mb", "200", "--repeats", "5"], 300),
     ("serving", ["--requests", "200", "--concurrency", "8"], 300),
 ]
 """Sized for the 2-core development machine. On a GPU, ``benchmarks/gpu.sh`` runs the large one."""

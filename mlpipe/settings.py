@@ -239,8 +239,15 @@ def client_environ(settings: Settings) -> Iterator[None]:
     environment); nothing is overwritten that the environment already holds.
     """
     added = {k: v for k, v in settings.client_env().items() if not os.environ.get(k)}
-    saved = {k: os.environ.get(k) for k in added}
-    os.environ.update(added)
+    with environ_overlay(added):
+        yield
+
+
+@contextmanager
+def environ_overlay(values: Mapping[str, str]) -> Iterator[None]:
+    """Set ``values`` in ``os.environ`` for the block, then put back exactly what was there."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
     try:
         yield
     finally:

@@ -7,7 +7,6 @@ exceptions translated at this boundary into mlpipe errors with a message a user 
 from __future__ import annotations
 
 import json
-import os
 import time
 import urllib.error
 import urllib.request
@@ -16,7 +15,7 @@ from contextlib import contextmanager, suppress
 from typing import TYPE_CHECKING
 
 from mlpipe.errors import MlpipeError, NotFoundError, TrackingUnavailableError, UsageError
-from mlpipe.settings import Settings, is_http_uri, redact_uri
+from mlpipe.settings import Settings, environ_overlay, is_http_uri, redact_uri
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -52,16 +51,8 @@ def bounded_http(timeout: float, retries: int = 0) -> Iterator[None]:
         "MLFLOW_HTTP_REQUEST_MAX_RETRIES": str(retries),
         "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
     }
-    saved = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
+    with environ_overlay(values):
         yield
-    finally:
-        for key, old in saved.items():
-            if old is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = old
 
 
 def check_reachable(uri: str, *, timeout: float = PREFLIGHT_TIMEOUT_S) -> None:

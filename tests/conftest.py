@@ -212,28 +212,35 @@ S3_CREDENTIALS = {
 """What the *server* side gets for moto; tests scan client output and runs for these."""
 
 
-@pytest.fixture
-def postgres_db():
-    """A fresh PostgreSQL database on 127.0.0.1:5432; its SQLAlchemy URI. Dropped afterwards.
+@contextlib.contextmanager
+def fresh_database():
+    """A fresh PostgreSQL database on 127.0.0.1:5432 for the block; its name. Dropped after.
 
     Skipped when PostgreSQL is not reachable, except under CI (``.ci/run`` starts it).
     """
     import uuid
 
     psycopg = pytest.importorskip("psycopg")
-    db = f"mlpipe_{uuid.uuid4().hex[:12]}"
+    name = f"mlpipe_{uuid.uuid4().hex[:12]}"
     try:
         admin = psycopg.connect(f"{PG}/test", autocommit=True, connect_timeout=5)
     except psycopg.OperationalError as exc:
         if os.environ.get("CI"):
             raise
         pytest.skip(f"PostgreSQL not reachable at 127.0.0.1:5432: {exc}")
-    admin.execute(f'CREATE DATABASE "{db}"')
+    admin.execute(f'CREATE DATABASE "{name}"')
     try:
-        yield f"{PG}/{db}"
+        yield name
     finally:
-        admin.execute(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)')
+        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         admin.close()
+
+
+@pytest.fixture
+def postgres_db():
+    """A fresh PostgreSQL database (:func:`fresh_database`); its SQLAlchemy URI."""
+    with fresh_database() as name:
+        yield f"{PG}/{name}"
 
 
 @contextlib.contextmanager

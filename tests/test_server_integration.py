@@ -26,7 +26,14 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.conftest import PG, S3_CREDENTIALS, free_port, git, running_moto_server
+from tests.conftest import (
+    PG,
+    S3_CREDENTIALS,
+    free_port,
+    fresh_database,
+    git,
+    running_moto_server,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -72,20 +79,8 @@ def client_env(**extra: str) -> dict[str, str]:
 @contextlib.contextmanager
 def database():
     """A fresh PostgreSQL database (module-wide, unlike conftest's ``postgres_db``)."""
-    psycopg = pytest.importorskip("psycopg")
-    name = f"mlpipe_{uuid.uuid4().hex[:12]}"
-    try:
-        admin = psycopg.connect(f"{PG}/test", autocommit=True, connect_timeout=5)
-    except psycopg.OperationalError as exc:
-        if os.environ.get("CI"):
-            raise
-        pytest.skip(f"PostgreSQL not reachable at 127.0.0.1:5432: {exc}")
-    admin.execute(f'CREATE DATABASE "{name}"')
-    try:
+    with fresh_database() as name:
         yield PG.replace("postgres@", f"postgres:{DB_PASSWORD}@") + f"/{name}"
-    finally:
-        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        admin.close()
 
 
 def launch(args: list[str], folder: Path, env: dict[str, str]) -> types.SimpleNamespace:
