@@ -14,26 +14,43 @@ PROJECTS = Path(__file__).parent / "projects"
 REPO_ROOT = Path(__file__).parent.parent
 
 
-@pytest.fixture(autouse=True)
-def clean_env(monkeypatch, tmp_path):
+@contextlib.contextmanager
+def isolated_env(root: Path, patch: pytest.MonkeyPatch | None = None):
     """No MLFLOW_*/MLPIPE_*/AWS_* from the developer's shell, no user config, cwd in a temp folder.
 
     The default tracking URI is ./mlruns.db, so every test tracks into its own tmp_path.
     """
-    for name in list(os.environ):
-        if name.startswith(("MLFLOW_", "MLPIPE_", "AWS_")):
-            monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("MLPIPE_CONFIG", str(tmp_path / "no-user-config.yaml"))
-    monkeypatch.setenv("MLPIPE_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.chdir(tmp_path)
-    # In-process code (the runner) may call mlflow.set_tracking_uri/set_registry_uri, which
-    # keep the URI in module globals: without this reset, a later test's clients would reach
-    # an earlier test's store.
-    from mlflow.tracking._model_registry import utils as registry_utils
-    from mlflow.tracking._tracking_service import utils as tracking_utils
+    with contextlib.ExitStack() as stack:
+        if patch is None:
+            patch = stack.enter_context(pytest.MonkeyPatch.context())
+        for name in list(os.environ):
+            if name.startswith(("MLFLOW_", "MLPIPE_", "AWS_")):
+                patch.delenv(name, raising=False)
+        patch.setenv("MLPIPE_CONFIG", str(root / "no-user-config.yaml"))
+        patch.setenv("MLPIPE_CACHE_DIR", str(root / "cache"))
+        patch.chdir(root)
+        # In-process code (the runner, a fixture logging a model) may call
+        # mlflow.set_tracking_uri/set_registry_uri, which keep the URI in module globals:
+        # without this reset, a later test's clients would reach an earlier test's store.
+        from mlflow.tracking._model_registry import utils as registry_utils
+        from mlflow.tracking._tracking_service import utils as tracking_utils
 
-    monkeypatch.setattr(registry_utils, "_registry_uri", None)
-    monkeypatch.setattr(tracking_utils, "_tracking_uri", None)
+        patch.setattr(registry_utils, "_registry_uri", None)
+        patch.setattr(tracking_utils, "_tracking_uri", None)
+        # Those calls also export MLFLOW_TRACKING_URI/MLFLOW_REGISTRY_URI. MonkeyPatch restores
+        # only variables it has recorded, and it records none that was absent: set, then
+        # delete, so that what the block exports is removed at its end too.
+        for name in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
+            patch.setenv(name, "unset")
+            patch.delenv(name)
+        yield
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch, tmp_path):
+    """Every test: :func:`isolated_env` in its own ``tmp_path``."""
+    with isolated_env(tmp_path, monkeypatch):
+        yield
 
 
 @pytest.fixture

@@ -10,7 +10,6 @@ serve`` builds it. Uploads are small real NIfTI files written with nibabel.
 from __future__ import annotations
 
 import base64
-import contextlib
 import dataclasses
 import gzip
 import io
@@ -45,7 +44,7 @@ from mlpipe.serve import (
     token_from_env,
 )
 from mlpipe.serve_app import create_app
-from tests.conftest import free_port, write_nifti_dataset
+from tests.conftest import free_port, isolated_env, write_nifti_dataset
 
 MODEL = "seg3d-serve"
 TRAIN_SHAPE = (32, 32, 24)
@@ -115,15 +114,10 @@ def write_volume(
     return path
 
 
-@contextlib.contextmanager
 def isolated(root: Path):
-    """For module-scoped fixtures, which run before the per-test ``clean_env``: no user
-    config, a cache and a current folder under ``root`` (nothing lands in ~ or the repo)."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("MLPIPE_CONFIG", str(root / "no-user-config.yaml"))
-        patch.setenv("MLPIPE_CACHE_DIR", str(root / "cache"))
-        patch.chdir(root)
-        yield
+    """For module-scoped fixtures, which run before the per-test ``clean_env``: the same
+    isolation (no user config or MLflow variables, cache and current folder under ``root``)."""
+    return isolated_env(root)
 
 
 @pytest.fixture(scope="module")
