@@ -42,17 +42,24 @@ BENCHMARKS: list[tuple[str, list[str], int]] = [
 
 
 def run_one(name: str, args: list[str], limit: int, out: Path) -> dict:
-    """Run one benchmark; its last JSON line, or a row saying why there is none."""
+    """Run one benchmark; its last JSON line, or a row saying why there is none.
+
+    It runs in an empty temporary folder, so nothing it writes by relative path (MLflow's
+    default ``./mlruns`` artifact folder, for one) lands in the repository.
+    """
+    import tempfile
+
     log = out / f"{name}.log"
     began = time.perf_counter()
     try:
-        proc = subprocess.run(
-            [sys.executable, str(HERE / f"{name}.py"), *args],
-            cwd=HERE,
-            capture_output=True,
-            text=True,
-            timeout=limit,
-        )
+        with tempfile.TemporaryDirectory(prefix=f"bench-{name}-") as cwd:
+            proc = subprocess.run(
+                [sys.executable, str(HERE / f"{name}.py"), *args],
+                cwd=cwd,
+                capture_output=True,
+                text=True,
+                timeout=limit,
+            )
         stdout, stderr, rc = proc.stdout, proc.stderr, proc.returncode
     except subprocess.TimeoutExpired as exc:
         stdout = _text(exc.stdout)

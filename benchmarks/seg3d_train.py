@@ -61,7 +61,10 @@ def main() -> None:
         )
         config.check()
         mlflow.set_tracking_uri(f"sqlite:///{tmp}/mlruns.db")
-        mlflow.set_experiment("seg3d-bench")
+        # artifacts in the temporary folder too (a SQLite store defaults to ./mlruns)
+        mlflow.set_experiment(
+            experiment_id=mlflow.create_experiment("seg3d-bench", artifact_location=f"{tmp}/art")
+        )
         loops: dict[str, list[float]] = {"logging on": [], "logging off": []}
         total: dict[str, list[float]] = {"logging on": [], "logging off": []}
         last = None

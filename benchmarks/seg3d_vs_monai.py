@@ -239,6 +239,7 @@ def run_side(side: str, data: Path, tmp: str, argv: list[str]) -> dict:
     }
     proc = subprocess.run(
         [sys.executable, __file__, *argv, "--side", side, "--data", str(data)],
+        cwd=tmp,  # a SQLite store puts artifacts in ./mlruns: keep them in the temporary folder
         env=env,
         stdout=subprocess.PIPE,
         text=True,
