@@ -40,6 +40,7 @@ from mlpipe.drift import (
 from mlpipe.errors import UsageError
 from mlpipe.profile import profile_volume
 from mlpipe.registry import connect
+from tests.conftest import isolated_env
 
 MODEL = "seg3d-drift"
 INTENSITY_LOCATION = ["intensity_p0_5", "intensity_p50", "intensity_p99_5", "intensity_mean"]
@@ -232,11 +233,9 @@ def trained(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("drift-model")
     uri = f"sqlite:///{root / 'mlruns.db'}"
-    with pytest.MonkeyPatch.context() as patch:
-        for name in list(os.environ):
-            if name.startswith(("MLFLOW_", "MLPIPE_")):
-                patch.delenv(name)
-        patch.setenv("MLPIPE_CACHE_DIR", str(root / "cache"))
+    # in root, also as the current folder: the store MLflow caches here gets root/mlruns as
+    # its default artifact folder, so the monitoring runs' reports stay out of the repository
+    with isolated_env(root):
         data = synthesize(root / "train", count=20, size=24, seed=0, test_count=2)
         config = TrainConfig(model="unet", patch_size=(16, 16, 16), num_classes=3)
         torch.manual_seed(0)
