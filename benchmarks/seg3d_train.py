@@ -2,7 +2,7 @@
 
 Trains the seg3d project in this process on its synthetic volumes, alternating round by round
 between logging on (every ``mlpipe.log`` call a real run makes, to a SQLite store in a
-temporary folder: metrics, overlays, checkpoints logged as artifacts each epoch) and logging
+temporary folder: metrics, overlays, checkpoints logged as artifacts when written) and logging
 off (the same loop, no tracking at all). The ratio is of the epoch loop's wall time (training,
 validation, logging, checkpoints); set-up (hashing, caching) and the final model logging are
 reported apart. Also: samples/s, seconds per epoch, the share of the epoch spent waiting for
