@@ -99,7 +99,7 @@ def main() -> None:
     from metrics_logging import wait_until_idle
     from mlflow import MlflowClient
 
-    from mlpipe import server
+    from mlpipe.server import launch as server
 
     with tempfile.TemporaryDirectory(prefix="mlpipe-bench-") as tmp, moto_server() as (s3, _):
         folder = Path(tmp)

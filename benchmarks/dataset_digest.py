@@ -22,7 +22,7 @@ import nibabel as nib
 import numpy as np
 from _common import emit, machine, median, summary, versions
 
-from mlpipe.dataset import build_manifest
+from mlpipe.data.dataset import build_manifest
 
 TARGET_WARM_S = 1.0
 

@@ -211,7 +211,7 @@ def one_side(args) -> None:
     import mlflow
     import torch
 
-    from mlpipe.dataset import build_manifest
+    from mlpipe.data.dataset import build_manifest
     from seg3d.checks import split_cases
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

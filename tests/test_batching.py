@@ -15,14 +15,8 @@ import time
 import pytest
 from mlflow import MlflowClient
 
-from mlpipe.batching import (
-    BatcherClosedError,
-    MetricBatcher,
-    MetricsNotSentError,
-    flush_all,
-    get_batcher,
-)
-from mlpipe.errors import TrackingUnavailableError
+from mlpipe.core.errors import BatcherClosedError, MetricsNotSentError, TrackingUnavailableError
+from mlpipe.log.batching import MetricBatcher, flush_all, get_batcher
 from tests.conftest import free_port
 
 

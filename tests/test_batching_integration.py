@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from mlpipe.batching import MetricBatcher
+from mlpipe.log.batching import MetricBatcher
 from tests.conftest import free_port
 
 pytestmark = pytest.mark.integration
@@ -28,7 +28,7 @@ EXIT_SCRIPT = textwrap.dedent(
     """
     import sys
     from mlflow import MlflowClient
-    from mlpipe.batching import MetricBatcher, get_batcher
+    from mlpipe.log.batching import MetricBatcher, get_batcher
 
     uri, run_id, points = sys.argv[1], sys.argv[2], int(sys.argv[3])
     client = MlflowClient(uri)

@@ -72,7 +72,7 @@ def test_user_error_is_one_line_without_traceback(tmp_path):
 
 
 def test_debug_reraises_user_error(tmp_path):
-    from mlpipe.errors import SourceError
+    from mlpipe.core.errors import SourceError
 
     result = CliRunner().invoke(cli, ["--debug", "run", str(tmp_path / "nope")])
     assert isinstance(result.exception, SourceError)

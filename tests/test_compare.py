@@ -11,9 +11,9 @@ import pytest
 from click.testing import CliRunner
 
 from mlpipe.cli import cli
-from mlpipe.compare import CompareRequest, compare, compare_link, render
-from mlpipe.errors import NotFoundError, UsageError
-from mlpipe.registry import connect
+from mlpipe.core.errors import NotFoundError, UsageError
+from mlpipe.monitor.compare import CompareRequest, compare, compare_link, render
+from mlpipe.registry.promotion import connect
 
 DATA_A = "sha256:" + "a1b2c3d4e5f6" + "0" * 52
 DATA_B = "sha256:" + "c3d4e5f6a7b8" + "1" * 52

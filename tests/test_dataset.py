@@ -20,15 +20,15 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-import mlpipe.dataset as dataset_module
-from mlpipe.dataset import (
+import mlpipe.data.dataset as dataset_module
+from mlpipe.core.errors import DatasetError
+from mlpipe.data.dataset import (
     CACHE_ENV,
     DatasetInfo,
     build_manifest,
     default_cache_path,
     digest_of,
 )
-from mlpipe.errors import DatasetError
 
 DAY_AGO_NS = time.time_ns() - 86_400 * 10**9
 HOUR_AGO_NS = time.time_ns() - 3_600 * 10**9

@@ -14,8 +14,8 @@ import pytest
 import tomllib
 import yaml
 
-from mlpipe import server
 from mlpipe.cli import cli
+from mlpipe.server import launch as server
 from tests.conftest import REPO_ROOT, S3_CREDENTIALS
 from tests.test_server_integration import server_cli_args
 

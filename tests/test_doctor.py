@@ -14,9 +14,10 @@ import pytest
 from click.testing import CliRunner
 from mlflow import MlflowClient
 
-from mlpipe.batching import outbox_files, write_outbox
 from mlpipe.cli import cli
-from mlpipe.doctor import (
+from mlpipe.core.settings import resolve_settings
+from mlpipe.log.batching import outbox_files, write_outbox
+from mlpipe.server.doctor import (
     DOCTOR_EXPERIMENT,
     FAIL,
     INFO,
@@ -25,7 +26,6 @@ from mlpipe.doctor import (
     exit_code,
     run_checks,
 )
-from mlpipe.settings import resolve_settings
 
 
 @pytest.fixture

@@ -19,8 +19,8 @@ import urllib.request
 
 import pytest
 
-from mlpipe.doctor import FAIL, PASS, SKIP, exit_code, run_checks
-from mlpipe.settings import resolve_settings
+from mlpipe.core.settings import resolve_settings
+from mlpipe.server.doctor import FAIL, PASS, SKIP, exit_code, run_checks
 from tests.conftest import S3_CREDENTIALS, free_port
 
 pytestmark = pytest.mark.integration

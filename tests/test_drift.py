@@ -25,7 +25,9 @@ from click.testing import CliRunner
 from mlflow import MlflowClient
 
 from mlpipe.cli import cli
-from mlpipe.drift import (
+from mlpipe.core.errors import UsageError
+from mlpipe.data.profile import profile_volume
+from mlpipe.monitor.drift import (
     CHECK,
     DRIFT,
     FEATURE_ORDER,
@@ -37,9 +39,7 @@ from mlpipe.drift import (
     resolve_model,
     serving_profiles_path,
 )
-from mlpipe.errors import UsageError
-from mlpipe.profile import profile_volume
-from mlpipe.registry import connect
+from mlpipe.registry.promotion import connect
 from tests.conftest import isolated_env
 
 MODEL = "seg3d-drift"

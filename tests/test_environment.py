@@ -5,7 +5,7 @@ from importlib import metadata
 
 import pytest
 
-from mlpipe.environment import environment_tags
+from mlpipe.core.environment import environment_tags
 
 
 def test_environment_tags_names_versions():

@@ -10,7 +10,7 @@ import time
 
 import psutil
 
-from mlpipe.launcher import OutputTail, ProjectProcess
+from mlpipe.run.launcher import OutputTail, ProjectProcess
 
 
 def test_output_tail_keeps_last_lines_per_stream():

@@ -18,8 +18,8 @@ from mlflow import MlflowClient
 from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged, ScaleIntensityd
 
 import mlpipe.log as mlog
-from mlpipe import preprocessing as prep
-from mlpipe.errors import DatasetError, PreprocessingError
+from mlpipe.core.errors import DatasetError, PreprocessingError
+from mlpipe.data import preprocessing as prep
 from tests.conftest import write_nifti_dataset
 
 KEYS = ["image", "label"]
@@ -173,7 +173,7 @@ def test_unsafe_preprocessing_name_is_refused_before_logging(tracking):
 
 
 def test_environment_tags_logged_once_per_run(tracking, monkeypatch):
-    from mlpipe import environment
+    from mlpipe.core import environment
 
     calls = []
     real = environment.environment_tags

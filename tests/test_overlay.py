@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from mlpipe.overlay import LABEL_COLOURS, PREDICTION_COLOURS, _best_slice, render_overlay
+from mlpipe.log.figures import LABEL_COLOURS, PREDICTION_COLOURS, _best_slice, render_overlay
 
 
 def _volume_with_lesion(shape=(24, 20, 16), lesion_slice=3):

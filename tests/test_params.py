@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from mlpipe.errors import ParameterError, UsageError
-from mlpipe.params import ParamSpec, check_params, convert_value, parse_assignments
+from mlpipe.core.errors import ParameterError, UsageError
+from mlpipe.run.params import ParamSpec, check_params, convert_value, parse_assignments
 
 # parse_assignments -------------------------------------------------------------------------
 

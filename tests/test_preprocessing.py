@@ -18,8 +18,8 @@ from monai import transforms as mt
 from monai.data import NibabelReader
 from monai.transforms import MapTransform, Transform
 
-from mlpipe import preprocessing as prep
-from mlpipe.errors import NotFoundError, PreprocessingError
+from mlpipe.core.errors import NotFoundError, PreprocessingError
+from mlpipe.data import preprocessing as prep
 
 pytestmark = pytest.mark.filterwarnings(
     # MONAI announces a new default for Orientationd(labels=...); the description records it.

@@ -8,9 +8,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from mlpipe.dataset import build_manifest
-from mlpipe.errors import DatasetError
-from mlpipe.profile import profile_dataset, profile_volume, summarize, summary_params
+from mlpipe.core.errors import DatasetError
+from mlpipe.data.dataset import build_manifest
+from mlpipe.data.profile import profile_dataset, profile_volume, summarize, summary_params
 from tests.conftest import write_nifti_dataset
 
 

@@ -9,8 +9,8 @@ import pytest
 from click.testing import CliRunner
 
 from mlpipe.cli import cli
-from mlpipe.errors import ProjectError
-from mlpipe.project import Finding, iter_findings, load_project
+from mlpipe.core.errors import ProjectError
+from mlpipe.run.project import Finding, iter_findings, load_project
 
 # A convention-1 project with no findings; tests change one thing in it. Line numbers:
 BASE = """\

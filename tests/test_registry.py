@@ -8,10 +8,10 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from mlpipe.audit import HistoryEvent, parse_history, rollback_target
 from mlpipe.cli import cli
-from mlpipe.errors import GateRefusedError, UsageError
-from mlpipe.registry import (
+from mlpipe.core.errors import GateRefusedError, UsageError
+from mlpipe.registry.audit import HistoryEvent, parse_history, rollback_target
+from mlpipe.registry.promotion import (
     PromotionRequest,
     connect,
     execute_promotion,
@@ -256,7 +256,7 @@ def test_stale_lock_is_broken_with_a_warning(tracking):
 
 
 def test_runner_records_primary_metric_tags(project_dir):
-    from mlpipe.runner import RunRequest, plan_run
+    from mlpipe.run.runner import RunRequest, plan_run
 
     directory = project_dir("good")
     plan = plan_run(RunRequest(uri=str(directory)))

@@ -9,12 +9,12 @@ import yaml
 from click.testing import CliRunner
 
 from mlpipe.cli import cli
-from mlpipe.errors import UsageError
-from mlpipe.project import load_project
-from mlpipe.scaffold import init_project
+from mlpipe.core.errors import UsageError
+from mlpipe.run.project import load_project
+from mlpipe.run.scaffold import init_project
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-TEMPLATE = REPO_ROOT / "mlpipe" / "templates" / "project" / "MLproject.template"
+TEMPLATE = REPO_ROOT / "mlpipe" / "run" / "templates" / "project" / "MLproject.template"
 EXPECTED_FILES = ["MLproject", "python_env.yaml", "train.py", "README.md"]
 
 

@@ -30,20 +30,15 @@ from fastapi.testclient import TestClient
 from mlflow import MlflowClient
 
 from mlpipe.cli import cli
-from mlpipe.errors import NotFoundError, UsageError
-from mlpipe.registry import connect
-from mlpipe.serve import (
-    GeometryLimits,
-    ProfileLog,
-    Segmenter,
-    ServeOptions,
-    parse_size,
-    prepare,
-    profiles_path,
-    resolve_model,
-    token_from_env,
-)
-from mlpipe.serve_app import create_app
+from mlpipe.core.errors import NotFoundError, UsageError
+from mlpipe.inference.inputs import parse_size
+from mlpipe.inference.limits import GeometryLimits
+from mlpipe.inference.models import resolve_model
+from mlpipe.inference.profile_log import ProfileLog, profiles_path
+from mlpipe.inference.segmenter import Segmenter
+from mlpipe.registry.promotion import connect
+from mlpipe.serve.app import create_app
+from mlpipe.serve.service import ServeOptions, prepare, token_from_env
 from tests.conftest import free_port, isolated_env, write_nifti_dataset
 
 MODEL = "seg3d-serve"
@@ -632,7 +627,7 @@ def test_upload_read_from_a_file_object_in_chunks(base_state, tmp_path):
     """segment_stream refuses a stream over max_bytes before reading it all."""
     state = make_state(base_state, tmp_path, max_bytes=3 * 1024 * 1024)
     stream = io.BytesIO(b"\0" * (10 * 1024 * 1024))
-    from mlpipe.serve import InputRejected
+    from mlpipe.inference.inputs import InputRejected
 
     with pytest.raises(InputRejected) as caught:
         state.segmenter.segment_stream(stream, "big.nii", "r1")
@@ -643,7 +638,7 @@ def test_upload_read_from_a_file_object_in_chunks(base_state, tmp_path):
 def test_bind_makes_a_tcp_socket_so_answers_are_not_delayed():
     import socket
 
-    from mlpipe.serve import bind
+    from mlpipe.serve.service import bind
 
     sock = bind("127.0.0.1", 0)
     try:

@@ -14,10 +14,10 @@ import stat
 import pytest
 from click.testing import CliRunner
 
-from mlpipe import server
 from mlpipe.cli import cli
-from mlpipe.errors import UsageError
-from mlpipe.server_app import ProxiedArtifactsOnly
+from mlpipe.core.errors import UsageError
+from mlpipe.server import launch as server
+from mlpipe.server.app import ProxiedArtifactsOnly
 
 PG_URI = "postgresql://mlflow:pa%25ss-w0rd@db.example:5432/mlflow"
 S3 = "s3://team-artifacts/mlflow"

@@ -411,7 +411,7 @@ def test_signal_stops_whole_process_tree(stack, which, signum):
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline and any(p.is_running() for p in tree):
         time.sleep(0.1)
-    from mlpipe.processes import alive
+    from mlpipe.core.processes import alive
 
     left = alive(p.pid for p in tree if p.is_running())
     assert not left, left
@@ -489,7 +489,7 @@ def test_sigterm_while_starting_leaves_nothing(moto_s3, tmp_path):
     assert tree
     server.proc.send_signal(signal.SIGTERM)
     server.proc.wait(timeout=20)
-    from mlpipe.processes import alive
+    from mlpipe.core.processes import alive
 
     assert server.proc.returncode == 143
     err = server.err.read_text()
@@ -529,7 +529,7 @@ time.sleep(600)
 
 
 def test_stop_tree_kills_stubborn_and_escaped_processes():
-    from mlpipe.processes import alive, stop_tree
+    from mlpipe.core.processes import alive, stop_tree
 
     marker = ("MLPIPE_TEST_MARKER", uuid.uuid4().hex)
     proc = subprocess.Popen(
@@ -551,7 +551,7 @@ def test_stop_tree_kills_stubborn_and_escaped_processes():
 
 
 def _repository(moto_s3, monkeypatch, bucket: str):
-    from mlpipe.server_app import StreamingS3ArtifactRepository
+    from mlpipe.server.app import StreamingS3ArtifactRepository
 
     for name, value in moto_s3.credentials.items():
         monkeypatch.setenv(name, value)

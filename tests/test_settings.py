@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from mlpipe.errors import ConfigError
-from mlpipe.settings import (
+from mlpipe.core.errors import ConfigError
+from mlpipe.core.settings import (
     Setting,
     absolutize_uri,
     client_environ,

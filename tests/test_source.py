@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from mlpipe.errors import SourceError
-from mlpipe.source import is_git_url, resolve_source, split_subdir, strip_credentials
+from mlpipe.core.errors import SourceError
+from mlpipe.run.source import is_git_url, resolve_source, split_subdir, strip_credentials
 from tests.conftest import git
 
 SUBDIR = "projects/good"

@@ -9,8 +9,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from mlpipe.errors import DatasetError
-from mlpipe.volumes import is_volume, load_volume, read_header
+from mlpipe.core.errors import DatasetError
+from mlpipe.data.volumes import is_volume, load_volume, read_header
 
 
 def _write(path: Path, data: np.ndarray, affine: np.ndarray | None = None) -> Path:

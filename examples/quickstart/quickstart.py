@@ -78,7 +78,7 @@ def default_dataset(seed: int) -> Path:
     Written once and reused, so repeated runs log the same dataset digest and the UI shows
     them as runs on one dataset version.
     """
-    from mlpipe.dataset import default_cache_path
+    from mlpipe.data.dataset import default_cache_path
 
     out_dir = default_cache_path().parent / "datasets" / f"quickstart-seed{seed}"
     if not (out_dir / "dataset.json").is_file():

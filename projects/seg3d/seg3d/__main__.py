@@ -98,7 +98,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from mlpipe.errors import UsageError
+    from mlpipe.core.errors import UsageError
 
     args = parser().parse_args(argv)
     try:

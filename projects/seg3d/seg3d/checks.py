@@ -21,8 +21,8 @@ import numpy as np
 from seg3d.config import Seg3dInputError
 
 if TYPE_CHECKING:
-    from mlpipe.dataset import DatasetInfo, Pair
-    from mlpipe.volumes import VolumeHeader
+    from mlpipe.data.dataset import DatasetInfo, Pair
+    from mlpipe.data.volumes import VolumeHeader
     from seg3d.config import TrainConfig
 
 AFFINE_ATOL = 1e-3
@@ -85,7 +85,7 @@ def check_geometry(pairs: Iterable[Pair]) -> dict[Path, VolumeHeader]:
     Raises:
         Seg3dInputError: a 4D image or an image/label affine mismatch, naming the files.
     """
-    from mlpipe.volumes import read_header
+    from mlpipe.data.volumes import read_header
 
     problems: list[str] = []
     headers: dict[Path, VolumeHeader] = {}
@@ -180,7 +180,7 @@ def _check_patch(
 
 def _check_labels(pairs: Sequence[Pair], num_classes: int) -> None:
     """Label values must be class indices ``0..num_classes-1``; reads one label at a time."""
-    from mlpipe.volumes import load_volume
+    from mlpipe.data.volumes import load_volume
 
     problems = []
     highest = -1

@@ -60,7 +60,7 @@ def evaluate(model_uri: str, data_dir: str | os.PathLike[str], *, num_classes: i
     import pandas as pd
 
     import mlpipe.log as mlog
-    from mlpipe.dataset import build_manifest
+    from mlpipe.data.dataset import build_manifest
 
     if num_classes < 2:
         raise Seg3dInputError(f"num_classes: {num_classes}; need at least 2")

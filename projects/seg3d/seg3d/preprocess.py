@@ -25,7 +25,7 @@ from seg3d.config import MODALITIES, Seg3dInputError, TrainConfig
 if TYPE_CHECKING:
     from monai.transforms import Compose
 
-    from mlpipe.dataset import DatasetInfo, Pair
+    from mlpipe.data.dataset import DatasetInfo, Pair
 
 RAW_MANIFEST_ARTIFACT = "mlpipe/dataset_manifest_raw.json"
 CROP_MARGIN = 2
@@ -70,7 +70,7 @@ def preprocess(
             raw dataset, or a dataset that fails ``check_geometry``; nothing is logged.
         DatasetError: the raw dataset cannot be read (from ``build_manifest``).
     """
-    from mlpipe.dataset import build_manifest
+    from mlpipe.data.dataset import build_manifest
     from seg3d.checks import check_geometry, resolve_data_dir
 
     if modality not in MODALITIES:
@@ -90,7 +90,7 @@ def preprocess(
     import mlflow
 
     import mlpipe.log as mlog
-    from mlpipe import preprocessing as prep
+    from mlpipe.data import preprocessing as prep
 
     raw = mlog.dataset(raw_dir, context="raw")
     chain = preprocess_transforms(config)

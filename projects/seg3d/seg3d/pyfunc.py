@@ -89,7 +89,7 @@ class Seg3dModel(mlflow.pyfunc.PythonModel):
         """
         import torch
 
-        from mlpipe.preprocessing import rebuild
+        from mlpipe.data.preprocessing import rebuild
         from seg3d.config import TrainConfig
         from seg3d.networks import build_network
 
@@ -278,7 +278,7 @@ def write_artifacts(network: torch.nn.Module, config: TrainConfig, folder: Path)
     """
     import torch
 
-    from mlpipe.preprocessing import describe, to_json
+    from mlpipe.data.preprocessing import describe, to_json
     from seg3d.transforms import infer_transforms
 
     folder.mkdir(parents=True, exist_ok=True)

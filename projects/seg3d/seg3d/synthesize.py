@@ -127,7 +127,7 @@ def default_dataset(seed: int = 0, count: int = 12, size: int = 48, num_classes:
     Raises:
         Seg3dInputError: a parameter out of range.
     """
-    from mlpipe.dataset import default_cache_path
+    from mlpipe.data.dataset import default_cache_path
 
     version = dataset_version(seed, count, size, num_classes, default_test_count(count))
     parent = default_cache_path().parent / "datasets"

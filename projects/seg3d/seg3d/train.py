@@ -89,7 +89,7 @@ def train(config: TrainConfig, *, log: bool = True) -> TrainResult:
     if cuda:
         torch.backends.cudnn.benchmark = True
 
-    from mlpipe.dataset import build_manifest
+    from mlpipe.data.dataset import build_manifest
 
     data_dir = resolve_data_dir(config)
     version = config.dataset_version or None
@@ -494,7 +494,7 @@ def _flat_params(config: TrainConfig, n_train: int, n_val: int, data_dir: Path) 
 
 
 def _safe_uri(uri: str) -> str:
-    from mlpipe.source import strip_credentials
+    from mlpipe.run.source import strip_credentials
 
     return strip_credentials(uri) if "://" in uri else uri
 

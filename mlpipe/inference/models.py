@@ -1,0 +1,239 @@
+"""Which model a URI means, and loading it once.
+
+``models:/NAME@ALIAS``, ``models:/NAME/VERSION`` and ``runs:/RUN_ID/PATH`` are resolved in the
+registry once and pinned to a version, so a later alias move does not change what a running
+service or a batch uses. The version's source run supplies what inference must know: the
+``mlpipe.dataset.*``/``mlpipe.preprocessing.digest`` tags and the training data profile.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from mlpipe.core.errors import NotFoundError, UsageError
+from mlpipe.inference.inputs import safe_name
+from mlpipe.log import PROFILE_ARTIFACT
+
+if TYPE_CHECKING:
+    from mlpipe.core.tracking import Tracking
+
+logger = logging.getLogger("mlpipe.serve")
+
+
+_MODELS_RE = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<ref>[^/]+))/?$")
+
+
+_RUNS_RE = re.compile(r"^runs:/(?P<run>[0-9a-zA-Z]+)/(?P<path>.+)$")
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where the served model comes from, as the registry and its source run say.
+
+    Attributes:
+        uri: the URI as given.
+        load_uri: what is loaded: a registered version pinned by number (an alias that moves
+            while the server runs does not change what it serves), or the URI as given.
+        name, version: the registered model and version (``None`` for an unregistered run).
+        alias: the alias the URI named, if any; ``aliases``: every alias on the version.
+        run_id: the version's source run; ``tags``: its ``mlpipe.*`` tags.
+        training_profile: its ``mlpipe/data_profile.json``, or ``None`` if it logged none.
+    """
+
+    uri: str
+    load_uri: str
+    name: str | None
+    version: str | None
+    alias: str | None
+    aliases: tuple[str, ...]
+    run_id: str | None
+    tags: dict[str, str]
+    training_profile: dict | None
+
+    @property
+    def label(self) -> str:
+        """``seg3d v3`` or the URI: how logs and titles name the model."""
+        if self.name and self.version:
+            return f"{self.name} v{self.version}"
+        return self.uri
+
+    @property
+    def profile_key(self) -> str:
+        """The folder name of this model's profiles: the registered name, else ``run-<id>``."""
+        if self.name:
+            return self.name
+        return f"run-{self.run_id}" if self.run_id else safe_name(self.uri)
+
+
+def resolve_model(tracking: Tracking, uri: str) -> ModelSource:
+    """Look a model URI up in the registry and read its source run's tags and data profile.
+
+    Args:
+        tracking: the connected tracking adapter.
+        uri: ``models:/NAME@ALIAS``, ``models:/NAME/VERSION``, ``models:/NAME/latest`` or
+            ``runs:/RUN_ID/PATH``.
+
+    Returns:
+        The resolved source; nothing is downloaded yet.
+
+    Raises:
+        UsageError: a URI of another form; NotFoundError: no such model, alias, version or
+            run; TrackingUnavailableError: the tracking server does not answer.
+    """
+    from mlpipe.core.tracking import translate_errors
+
+    client = tracking.client
+    models = _MODELS_RE.match(uri)
+    runs = _RUNS_RE.match(uri)
+    alias = None
+    if models:
+        name, alias, ref = models.group("name"), models.group("alias"), models.group("ref")
+        with translate_errors(f"model {uri}"):
+            registered = client.get_registered_model(name)
+            if alias:
+                if alias not in registered.aliases:
+                    held = ", ".join(f"@{a} -> v{v}" for a, v in sorted(registered.aliases.items()))
+                    raise NotFoundError(
+                        f"model {uri}: {name!r} has no alias {alias!r} (aliases: "
+                        f"{held or 'none'}). Promote a version first (mlpipe promote {name} "
+                        f"VERSION --alias {alias}) or serve a version: models:/{name}/VERSION."
+                    )
+                mv = client.get_model_version_by_alias(name, alias)
+            elif ref and ref.isdigit():
+                mv = client.get_model_version(name, ref)
+            elif ref and ref.lower() == "latest":
+                escaped = name.replace("'", "\\'")
+                found = client.search_model_versions(f"name = '{escaped}'")
+                if not found:
+                    raise NotFoundError(f"model {uri}: {name!r} has no versions.")
+                mv = max(found, key=lambda v: int(v.version))
+            else:
+                raise UsageError(
+                    f"MODEL_URI {uri!r}: {ref!r} is neither a version number nor 'latest'. "
+                    f"Use models:/{name}@production (an alias) or models:/{name}/3 (a version); "
+                    "stages are deprecated."
+                )
+        version = str(mv.version)
+        aliases = tuple(sorted(a for a, v in registered.aliases.items() if str(v) == version))
+        run_id = mv.run_id or None
+        load_uri = f"models:/{name}/{version}"
+    elif runs:
+        run_id = runs.group("run")
+        with translate_errors(f"run {run_id}"):
+            client.get_run(run_id)
+            found = client.search_model_versions(f"run_id = '{run_id}'")
+        name = str(found[0].name) if len(found) == 1 else None
+        version = str(found[0].version) if len(found) == 1 else None
+        aliases = ()
+        load_uri = uri
+    else:
+        raise UsageError(
+            f"MODEL_URI {uri!r} is not a model URI. Give models:/NAME@ALIAS (e.g. "
+            "models:/seg3d@production), models:/NAME/VERSION or runs:/RUN_ID/PATH; "
+            "`mlpipe models NAME` lists the versions."
+        )
+    tags: dict[str, str] = {}
+    profile = None
+    if run_id:
+        with translate_errors(f"run {run_id}"):
+            run = client.get_run(run_id)
+        tags = {k: v for k, v in run.data.tags.items() if k.startswith("mlpipe.")}
+        profile = _training_profile(tracking, run_id)
+    return ModelSource(
+        uri=uri,
+        load_uri=load_uri,
+        name=name,
+        version=version,
+        alias=alias,
+        aliases=aliases,
+        run_id=run_id,
+        tags=tags,
+        training_profile=profile,
+    )
+
+
+def _training_profile(tracking: Tracking, run_id: str) -> dict | None:
+    """The run's ``mlpipe/data_profile.json``, or ``None`` when it logged none."""
+    from mlpipe.core.tracking import translate_errors
+
+    client = tracking.client
+    with translate_errors(f"run {run_id}"):
+        listed = {a.path for a in client.list_artifacts(run_id, "mlpipe")}
+    if PROFILE_ARTIFACT not in listed:
+        return None
+    with tempfile.TemporaryDirectory(prefix="mlpipe-serve-") as tmp:
+        with translate_errors(f"run {run_id} artifact {PROFILE_ARTIFACT}"):
+            local = client.download_artifacts(run_id, PROFILE_ARTIFACT, tmp)
+        try:
+            return json.loads(Path(local).read_text())
+        except ValueError:
+            logger.warning("%s of run %s is not JSON; no geometry checks", PROFILE_ARTIFACT, run_id)
+            return None
+
+
+def load_pyfunc(source: ModelSource, tracking: Tracking, folder: Path) -> Any:
+    """Download the model into ``folder`` and load it as a pyfunc, once.
+
+    Downloading with explicit tracking and registry URIs leaves MLflow's global URIs alone.
+
+    Raises:
+        UsageError: the model cannot be downloaded or loaded (the reason is named).
+    """
+    import mlflow.artifacts
+    import mlflow.pyfunc
+
+    from mlpipe.core.tracking import translate_errors
+
+    with translate_errors(f"model {source.uri}"):
+        # MLflow resolves models:/ and runs:/ URIs with its global tracking and registry
+        # URIs, whatever download_artifacts is told, so the storage location is looked up
+        # here with this server's own client.
+        artifact_uri = _storage_location(tracking, source)
+        local = mlflow.artifacts.download_artifacts(
+            artifact_uri=artifact_uri,
+            dst_path=str(folder),
+            tracking_uri=tracking.uri,
+            registry_uri=tracking.settings.registry_uri.value,
+        )
+    try:
+        return mlflow.pyfunc.load_model(local)
+    except Exception as exc:
+        raise UsageError(
+            f"model {source.uri}: it was downloaded but does not load as a pyfunc "
+            f"({type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc) else ''}). "
+            "Check that it is a seg3d model and that torch, monai and nibabel are installed."
+        ) from exc
+
+
+def _storage_location(tracking: Tracking, source: ModelSource) -> str:
+    """Where the model's files are: the version's download URI or the run's logged model."""
+    client = tracking.client
+    if source.load_uri.startswith("models:/") and source.name and source.version:
+        return client.get_model_version_download_uri(source.name, source.version)
+    runs = _RUNS_RE.match(source.load_uri)
+    if not runs:
+        return source.load_uri
+    run_id, path = runs.group("run"), runs.group("path").strip("/")
+    name, _, rest = path.partition("/")
+    run = client.get_run(run_id)
+    escaped = name.replace("'", "\\'")
+    for model in client.search_logged_models(
+        experiment_ids=[run.info.experiment_id], filter_string=f"name = '{escaped}'"
+    ):
+        if model.source_run_id == run_id:  # an MLflow 3 logged model
+            return model.artifact_location.rstrip("/") + (f"/{rest}" if rest else "")
+    return f"{run.info.artifact_uri.rstrip('/')}/{path}"  # a model among the run's artifacts
+
+
+def model_device(model: Any) -> str:
+    """``cuda`` or ``cpu``: where the seg3d pyfunc put its network (it picks CUDA if there)."""
+    with contextlib.suppress(Exception):
+        return str(model.unwrap_python_model().device)
+    return "unknown"

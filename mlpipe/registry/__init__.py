@@ -1,0 +1,2 @@
+"""``mlpipe promote``/``rollback``/``history``/``models``: gated alias moves under a registry lock,
+with the audit trail kept in the tracking server."""
