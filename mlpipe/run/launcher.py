@@ -70,6 +70,9 @@ class ProjectProcess:
     ):
         self.command = command
         self.tail = OutputTail()
+        self.stopped_by: int | None = None
+        """The signal ``stop()`` was first called with: set when someone (the runner on
+        Ctrl-C, a sweep's pruner) ended the process on purpose, rather than it failing."""
         self.proc = subprocess.Popen(
             ["bash", "-c", command],
             cwd=cwd,
@@ -110,6 +113,8 @@ class ProjectProcess:
 
     def stop(self, signum: int = signal.SIGTERM, grace: float = STOP_GRACE_S) -> int:
         """Send ``signum`` to the whole process group, then SIGKILL after ``grace`` seconds."""
+        if self.stopped_by is None:
+            self.stopped_by = signum
         self._signal_group(signum)
         deadline = time.monotonic() + grace
         while self.proc.poll() is None and time.monotonic() < deadline:

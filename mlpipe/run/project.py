@@ -23,6 +23,10 @@ from mlpipe.run.params import PARAM_TYPES, ParamSpec, convert_value
 
 CONVENTION_VERSION = 1
 CONVENTION_KEYS = ("convention", "model", "dataset_param", "primary_metric", "primary_metric_goal")
+OPTIONAL_KEYS = ("sweep",)
+"""Keys of the ``mlpipe:`` section that a project may leave out."""
+SWEEP_KEYS = ("entry_point", "space", "metric", "goal", "trials", "pruner", "sampler")
+"""Keys of ``mlpipe: sweep:`` (the project's own search; ``mlpipe sweep`` reads it)."""
 REQUIRED_ENTRY_POINTS = ("main", "train")
 RECOMMENDED_ENTRY_POINTS = ("preprocess", "evaluate")
 ENV_KEYS = ("python_env", "conda_env", "docker_env")
@@ -61,6 +65,8 @@ class Conventions:
     dataset_param: str | None = None
     primary_metric: str | None = None
     primary_metric_goal: str | None = None
+    sweep: dict[str, Any] | None = None
+    """``mlpipe: sweep:`` as written (its shape checked here, its space by ``mlpipe sweep``)."""
 
 
 @dataclass(frozen=True)
@@ -215,9 +221,10 @@ class _Linter:
         if not isinstance(section, dict):
             self._error("mlpipe: must be a mapping with " + ", ".join(CONVENTION_KEYS), line)
             return Conventions()
+        known = CONVENTION_KEYS + OPTIONAL_KEYS
         for key in section:
-            if key not in CONVENTION_KEYS:
-                close = difflib.get_close_matches(str(key), CONVENTION_KEYS, n=1)
+            if key not in known:
+                close = difflib.get_close_matches(str(key), known, n=1)
                 hint = f" (did you mean {close[0]}?)" if close else ""
                 self._error(f"unknown key mlpipe.{key}{hint}", _line(root, "mlpipe", key))
         for key in CONVENTION_KEYS:
@@ -238,7 +245,57 @@ class _Linter:
                 f"mlpipe.primary_metric_goal is {goal!r}; expected max or min",
                 _line(root, "mlpipe", "primary_metric_goal"),
             )
-        return Conventions(**{k: section.get(k) for k in CONVENTION_KEYS})
+        sweep = self._sweep(section.get("sweep"), root)
+        return Conventions(**{k: section.get(k) for k in CONVENTION_KEYS}, sweep=sweep)
+
+    def _sweep(self, section: Any, root: Any) -> dict[str, Any] | None:
+        """Check the shape of ``mlpipe: sweep:``; the space's expressions are parsed by
+        ``mlpipe.sweep.space`` when a sweep starts, against the entry point's parameters."""
+        if section is None:
+            return None
+        line = _line(root, "mlpipe", "sweep")
+        if not isinstance(section, dict):
+            self._error("mlpipe.sweep must be a mapping with " + ", ".join(SWEEP_KEYS), line, True)
+            return None
+        for key in section:
+            if key not in SWEEP_KEYS:
+                close = difflib.get_close_matches(str(key), SWEEP_KEYS, n=1)
+                hint = f" (did you mean {close[0]}?)" if close else ""
+                self._error(
+                    f"unknown key mlpipe.sweep.{key}{hint}", _line(root, "mlpipe", "sweep", key)
+                )
+        space = section.get("space")
+        if not isinstance(space, dict) or not space:
+            self._error(
+                "mlpipe.sweep.space must map parameter names to ranges, e.g. "
+                "lr: loguniform(1e-4, 1e-2)",
+                _line(root, "mlpipe", "sweep", "space") or line,
+                True,
+            )
+        else:
+            for name, value in space.items():
+                if not isinstance(value, (str, list)) or not value:
+                    self._error(
+                        f"mlpipe.sweep.space.{name} must be an expression such as "
+                        "int(2, 8, step=2) or a list of choices",
+                        _line(root, "mlpipe", "sweep", "space", str(name)),
+                        True,
+                    )
+        trials = section.get("trials")
+        if trials is not None and (type(trials) is not int or trials < 1):
+            self._error(
+                f"mlpipe.sweep.trials is {trials!r}; expected a positive integer",
+                _line(root, "mlpipe", "sweep", "trials"),
+                True,
+            )
+        goal = section.get("goal")
+        if goal is not None and goal not in ("max", "min"):
+            self._error(
+                f"mlpipe.sweep.goal is {goal!r}; expected max or min",
+                _line(root, "mlpipe", "sweep", "goal"),
+                True,
+            )
+        return dict(section)
 
     def _env(self, data: dict, root: Any) -> str | None:
         present = [key for key in ENV_KEYS if key in data]

@@ -14,10 +14,11 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING, BinaryIO
 
 from mlpipe import __version__
 from mlpipe.core.errors import (
@@ -44,6 +45,31 @@ INTERRUPT_FINISH_S = 10.0
 
 Echo = Callable[[str], None]
 
+if TYPE_CHECKING:
+    from mlpipe.run.launcher import ProjectProcess
+
+_LAUNCH_LOCK = threading.Lock()
+"""``_launch`` swaps a module-level function of MLflow's local backend for the time of one
+launch; runs started from several threads at once (``mlpipe sweep --parallel``) take turns."""
+
+
+@dataclass(frozen=True)
+class LaunchHooks:
+    """What a caller that runs many projects at once (``mlpipe sweep``) adds to ``execute``.
+
+    ``mlpipe run`` passes none. Attributes:
+        on_start: called with the run id and the started process, so the caller can stop it
+            (a pruned trial, Ctrl-C in another thread); a process stopped that way ends the
+            run KILLED and ``execute`` raises ``InterruptedRunError``.
+        env: extra environment variables for the project's process (``CUDA_VISIBLE_DEVICES``).
+        stdout, stderr: where the project's output goes instead of ours (a trial's log file).
+    """
+
+    on_start: Callable[[str, ProjectProcess], None] | None = None
+    env: Mapping[str, str] = field(default_factory=dict)
+    stdout: BinaryIO | None = None
+    stderr: BinaryIO | None = None
+
 
 @dataclass(frozen=True)
 class RunRequest:
@@ -62,6 +88,10 @@ class RunRequest:
     dataset_version: str | None = None
     allow_extra_params: bool = False
     run_name: str | None = None
+
+    def params_dict(self) -> dict[str, str]:
+        """The ``-P`` values as a mapping (already checked for form by ``plan_run``)."""
+        return parse_assignments(self.params)
 
 
 @dataclass
@@ -169,6 +199,46 @@ def plan_run(request: RunRequest) -> RunPlan:
         raise
 
 
+def with_params(
+    plan: RunPlan, params: Mapping[str, str], *, run_name: str | None = None
+) -> RunPlan:
+    """The same checked project with other parameter values (a sweep's trial).
+
+    The values are checked as ``-P`` values are; the source, settings and experiment are
+    reused, and the dataset is described again only when its parameter changed.
+
+    Raises:
+        ParameterError: a value that does not fit its declared parameter.
+    """
+    given = {**plan.request.params_dict(), **params}
+    entry = plan.entry_point
+    checked = check_params(
+        entry.params,
+        given,
+        allow_extra=plan.request.allow_extra_params or entry.script,
+        entry_point=entry.name,
+    )
+    request = replace(
+        plan.request,
+        params=tuple(f"{k}={v}" for k, v in given.items()),
+        run_name=run_name or plan.request.run_name,
+    )
+    new = replace(
+        plan,
+        request=request,
+        params=checked,
+        command=_command(plan.project, entry, checked),
+        tags={},
+    )
+    conv = plan.project.conventions
+    param = conv.dataset_param if conv else None
+    if param and checked.values.get(param) != plan.params.values.get(param):
+        new.tags = run_tags(new)
+    else:
+        new.tags = dict(plan.tags)
+    return new
+
+
 def run_tags(plan: RunPlan) -> dict[str, str]:
     """The ``mlpipe.*`` tags (DESIGN.md) plus MLflow's own project tags, credentials stripped."""
     conv = plan.project.conventions
@@ -202,7 +272,9 @@ def run_tags(plan: RunPlan) -> dict[str, str]:
     return tags
 
 
-def execute(plan: RunPlan, echo: Echo = lambda _msg: None) -> RunOutcome:
+def execute(
+    plan: RunPlan, echo: Echo = lambda _msg: None, *, hooks: LaunchHooks | None = None
+) -> RunOutcome:
     """Create the run and run the entry point; returns when it has finished.
 
     When the tracking server is down as the run ends, its end is retried for
@@ -215,12 +287,13 @@ def execute(plan: RunPlan, echo: Echo = lambda _msg: None) -> RunOutcome:
             kept in the outbox for the next ``mlpipe run`` or ``mlpipe doctor``).
         ProjectCommandError: the command exited non-zero; the run is FAILED.
         InterruptedRunError: Ctrl-C or SIGTERM; the process group is stopped, the run KILLED.
+            Also when ``hooks.on_start``'s caller stopped the process.
     """
     with client_environ(plan.settings):
-        return _execute(plan, echo)
+        return _execute(plan, echo, hooks or LaunchHooks())
 
 
-def _execute(plan: RunPlan, echo: Echo) -> RunOutcome:
+def _execute(plan: RunPlan, echo: Echo, hooks: LaunchHooks) -> RunOutcome:
     from mlpipe.core.tracking import Tracking, check_reachable
 
     uri = plan.settings.tracking_uri.value or ""
@@ -241,7 +314,9 @@ def _execute(plan: RunPlan, echo: Echo) -> RunOutcome:
     process = None
     try:
         with _signals_raise_interrupt(run_id):
-            process = _launch(plan, tracking, experiment_id, run_id)
+            process = _launch(plan, tracking, experiment_id, run_id, hooks)
+            if hooks.on_start is not None:
+                hooks.on_start(run_id, process)
             code = process.wait()
     except InterruptedRunError as exc:
         if process is not None:
@@ -253,6 +328,14 @@ def _execute(plan: RunPlan, echo: Echo) -> RunOutcome:
             process.stop(signal.SIGTERM)
         _finish_or_report(tracking, run_id, "FAILED", echo, wait=INTERRUPT_FINISH_S)
         raise
+    if code != 0 and process.stopped_by is not None:
+        # Stopped on purpose from outside (``hooks.on_start``'s caller), not a failure.
+        _finish_or_report(tracking, run_id, "KILLED", echo, wait=INTERRUPT_FINISH_S)
+        raise InterruptedRunError(
+            f"Run {run_id} was stopped and marked KILLED.",
+            signum=process.stopped_by,
+            run_id=run_id,
+        )
     if code != 0:
         _finish_or_report(tracking, run_id, "FAILED", echo, wait=finish_wait)
         tail = "\n".join(
@@ -315,7 +398,7 @@ def _replay_outbox(tracking, echo: Echo) -> None:
         )
 
 
-def _launch(plan: RunPlan, tracking, experiment_id: str, run_id: str):
+def _launch(plan: RunPlan, tracking, experiment_id: str, run_id: str, hooks: LaunchHooks):
     """Run the entry point through MLflow's local backend, started by our launcher.
 
     MLflow resolves the environment (local, uv, virtualenv, conda, docker) and builds the
@@ -354,11 +437,12 @@ def _launch(plan: RunPlan, tracking, experiment_id: str, run_id: str):
         ):
             env["MLFLOW_REGISTRY_URI"] = settings.registry_uri.value
         env["PYTHONUNBUFFERED"] = "1"  # the output goes through a pipe: keep it flowing
+        env.update(hooks.env)
         if plan.request.env_manager == "local":
             # "local" means mlpipe's own environment, even when it was not activated.
             bin_dir = os.path.dirname(sys.executable)
             env["PATH"] = bin_dir + os.pathsep + env.get("PATH", "")
-        process = ProjectProcess(command, work_dir, env)
+        process = ProjectProcess(command, work_dir, env, hooks.stdout, hooks.stderr)
         started.append(process)
         return process
 
@@ -374,21 +458,22 @@ def _launch(plan: RunPlan, tracking, experiment_id: str, run_id: str):
     mlflow.set_tracking_uri(settings.tracking_uri.value)
     if settings.registry_uri.value:
         mlflow.set_registry_uri(settings.registry_uri.value)
-    original = mlflow_local._run_entry_point
-    mlflow_local._run_entry_point = run_entry_point
-    try:
-        with _mlflow_errors():
-            mlflow_local.LocalBackend().run(
-                str(plan.project.directory),
-                plan.entry_point.name,
-                plan.all_params,
-                None,
-                backend_config,
-                settings.tracking_uri.value,
-                experiment_id,
-            )
-    finally:
-        mlflow_local._run_entry_point = original
+    with _LAUNCH_LOCK:
+        original = mlflow_local._run_entry_point
+        mlflow_local._run_entry_point = run_entry_point
+        try:
+            with _mlflow_errors():
+                mlflow_local.LocalBackend().run(
+                    str(plan.project.directory),
+                    plan.entry_point.name,
+                    plan.all_params,
+                    None,
+                    backend_config,
+                    settings.tracking_uri.value,
+                    experiment_id,
+                )
+        finally:
+            mlflow_local._run_entry_point = original
     if not started:
         raise UsageError("MLflow's local backend did not start the entry point.")
     return started[0]
