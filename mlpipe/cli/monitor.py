@@ -36,6 +36,7 @@ from mlpipe.cli.group import TRACKING_URI_HELP, cli
 )
 @click.option("--all-params", is_flag=True, help="Show every param, not only those that differ.")
 @click.option("--format", "fmt", type=click.Choice(["table", "csv", "markdown"]), default="table")
+@click.option("--sweep", metavar="NAME", help="Compare the trials of this `mlpipe sweep` study.")
 @click.option("--tracking-uri", help=TRACKING_URI_HELP)
 def compare(
     run_ids: tuple[str, ...],
@@ -47,6 +48,7 @@ def compare(
     metrics: tuple[str, ...],
     all_params: bool,
     fmt: str,
+    sweep: str | None,
     tracking_uri: str | None,
 ) -> None:
     """Show runs side by side: params that differ, metrics, data and code versions.
@@ -62,6 +64,7 @@ def compare(
       mlpipe compare 3f2a... 9c1b...
       mlpipe compare --experiment seg3d --top 3 --by val_dice
       mlpipe compare --experiment seg3d --filter "params.model = 'unet'" --format markdown
+      mlpipe compare --sweep lr-search --top 5
     """
     from mlpipe.monitor.compare import CompareRequest, render
     from mlpipe.monitor.compare import compare as compare_runs
@@ -76,6 +79,7 @@ def compare(
         order=order,
         metrics=metrics,
         all_params=all_params,
+        sweep=sweep,
     )
     comparison = compare_runs(connect(tracking_uri), request)
     click.echo(render(comparison, fmt))

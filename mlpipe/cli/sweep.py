@@ -97,7 +97,7 @@ def sweep(
       mlpipe sweep --join lr-search --storage postgresql://optuna@db.lab:5432/optuna
     """
     from mlpipe.sweep.driver import SweepRequest, plan_sweep, run_sweep
-    from mlpipe.sweep.results import summary_lines, table_header, table_row
+    from mlpipe.sweep.results import summary_lines, table_header, table_row, table_widths
 
     request = SweepRequest(
         project=project,
@@ -124,7 +124,7 @@ def sweep(
     )
     plan = plan_sweep(request)
     header = table_header(plan.space, plan.metric)
-    widths = [max(len(h), 8) for h in header]
+    widths = table_widths(plan.space, plan.metric)
 
     def line(cells: list[str]) -> str:
         return "  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)).rstrip()

@@ -35,6 +35,9 @@ DEFAULT_TOP = 5
 SHORT_DIGEST = 12
 SHORT_COMMIT = 8
 
+SWEEP_TAG = "mlpipe.sweep."
+SWEEP_STUDY_TAG = SWEEP_TAG + "study"
+SWEEP_ROLE_TAG = SWEEP_TAG + "role"
 DATASET_DIGEST_TAG = "mlpipe.dataset.digest"
 PREPROCESSING_DIGEST_TAG = "mlpipe.preprocessing.digest"
 
@@ -53,6 +56,8 @@ class CompareRequest:
             ``mlpipe.primary_metric_goal`` tag when ``by`` is their primary metric, else desc].
         metrics: metrics to show [default: all, the primary metric first].
         all_params: show every param, not only those that differ.
+        sweep: compare the trials of this ``mlpipe sweep`` study (its child runs), ranked by
+            the sweep's metric unless ``by`` is given; ``top`` defaults to all of them.
     """
 
     run_ids: Sequence[str] = ()
@@ -63,6 +68,7 @@ class CompareRequest:
     order: str | None = None
     metrics: Sequence[str] = ()
     all_params: bool = False
+    sweep: str | None = None
 
 
 @dataclass(frozen=True)
@@ -108,6 +114,8 @@ def select_runs(tracking: Tracking, request: CompareRequest) -> tuple[list[Run],
     _check_request(request)
     if request.run_ids:
         return _runs_by_id(tracking, request.run_ids), []
+    if request.sweep:
+        return _runs_of_sweep(tracking, request)
     return _runs_of_experiment(tracking, request)
 
 
@@ -131,6 +139,13 @@ def build_comparison(
         rows.append(Row("experiment", [names.get(r.info.experiment_id) for r in runs]))
     rows += [
         Row("status", [r.info.status for r in runs]),
+    ]
+    if any(SWEEP_TAG + "trial" in t for t in tags):
+        rows += [
+            Row("sweep trial", [t.get(SWEEP_TAG + "trial") for t in tags]),
+            Row("trial state", [t.get(SWEEP_TAG + "trial_state") for t in tags]),
+        ]
+    rows += [
         Row("start (UTC)", [_time(r.info.start_time) for r in runs]),
         Row("duration", [_duration(r.info.start_time, r.info.end_time) for r in runs]),
         Row("git commit", [_commit(t) for t in tags], "commit"),
@@ -212,6 +227,16 @@ def compare_link(uri: str, run_ids: Sequence[str], experiment_ids: Sequence[str]
 
 def _check_request(request: CompareRequest) -> None:
     problems = []
+    if request.sweep and (request.run_ids or request.experiment or request.filter):
+        problems.append(
+            "--sweep NAME picks the sweep's trials: drop run ids, --experiment, --filter."
+        )
+    if request.sweep:
+        if request.top is not None and request.top < 1:
+            problems.append(f"--top must be at least 1, not {request.top}.")
+        if problems:
+            raise UsageError("\n  ".join(problems))
+        return
     if request.run_ids and request.experiment:
         problems.append("Give RUN_IDs or --experiment NAME, not both.")
     if not request.run_ids and not request.experiment:
@@ -302,6 +327,44 @@ def _runs_of_experiment(tracking: Tracking, request: CompareRequest) -> tuple[li
     best = "lowest" if order == "asc" else "highest"
     notes.append(f"Top {len(ranked)} run(s) of {where} by {request.by}, {best} first ({why}).")
     return ranked, notes
+
+
+def _runs_of_sweep(tracking: Tracking, request: CompareRequest) -> tuple[list[Run], list[str]]:
+    """The trial runs of sweep ``request.sweep`` (tag ``mlpipe.sweep.study``), best first by the
+    sweep's metric and goal (its parent run's tags) or by ``--by``; unfinished trials last."""
+    assert request.sweep is not None
+    escaped = request.sweep.replace("'", "\\'")
+    with translate_errors(f"sweep {request.sweep!r}"):
+        experiments = [e.experiment_id for e in tracking.client.search_experiments()]
+        runs = tracking.client.search_runs(
+            experiments, filter_string=f"tags.`{SWEEP_STUDY_TAG}` = '{escaped}'", max_results=5000
+        )
+    parents = [r for r in runs if r.data.tags.get(SWEEP_ROLE_TAG) == "parent"]
+    trials = [r for r in runs if r.data.tags.get(SWEEP_ROLE_TAG) == "trial"]
+    if not trials:
+        raise NotFoundError(
+            f"No trial runs of sweep {request.sweep!r} in {redact_uri(tracking.uri)}. Check the "
+            "study name (the parent run's name) and --tracking-uri."
+        )
+    parent_tags = parents[0].data.tags if parents else {}
+    metric = request.by or parent_tags.get(SWEEP_TAG + "metric")
+    goal = parent_tags.get(SWEEP_TAG + "goal", "max")
+    order = request.order or ("asc" if goal == "min" else "desc")
+    scored = [r for r in trials if metric and metric in r.data.metrics]
+    rest = sorted(
+        (r for r in trials if r not in scored),
+        key=lambda r: int(r.data.tags.get(SWEEP_TAG + "trial", 0)),
+    )
+    scored.sort(key=lambda r: r.data.metrics[metric], reverse=order == "desc")  # type: ignore[index]
+    chosen = (scored + rest)[: request.top or len(trials)]
+    best = "lowest" if order == "asc" else "highest"
+    notes = [
+        f"{len(chosen)} of {len(trials)} trial(s) of sweep {request.sweep!r}"
+        + (f", by {metric}, {best} first" if metric else "")
+        + (f"; parent run {parents[0].info.run_id}" if parents else "")
+        + "."
+    ]
+    return chosen, notes
 
 
 def _order(tracking: Tracking, experiment_id: str, request: CompareRequest) -> tuple[str, str]:

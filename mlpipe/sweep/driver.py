@@ -17,6 +17,7 @@ import os
 import queue
 import re
 import signal
+import socket
 import tempfile
 import threading
 import time
@@ -54,6 +55,8 @@ TAG = "mlpipe.sweep."
 WAIT_POLL_S = 2.0
 """How often a worker with nothing to start looks again (other workers' trials may go stale)."""
 POLL_ENV = "MLPIPE_SWEEP_POLL"
+WORKER = f"{socket.gethostname()}:{os.getpid()}"
+"""The ``mlpipe.sweep.worker`` tag of a trial's run: which machine and process ran it."""
 
 Echo = Callable[[str], None]
 
@@ -512,6 +515,7 @@ class _Worker:
                 TAG + "trial": str(trial.number),
                 TAG + "trial_state": "RUNNING",
                 TAG + "role": "trial",
+                TAG + "worker": WORKER,
             }
         )
         if retry_of is not None:
@@ -538,7 +542,8 @@ class _Worker:
             elif self.plan.pruner != "none":
                 watcher.start(rid)
 
-        state, value, note = "FAILED", None, ""
+        state, value = "FAILED", None
+        note = f"retry of {retry_of}" if retry_of is not None else ""
         try:
             with log_path.open("wb") as log:
                 hooks = LaunchHooks(
@@ -568,7 +573,8 @@ class _Worker:
             state = "KILLED"
             raise
         except ProjectCommandError as exc:
-            note = note or (f"exit code {exc.returncode}" if exc.returncode is not None else "")
+            if exc.returncode is not None:
+                note = f"exit code {exc.returncode}"
             raise
         finally:
             with self._lock:
@@ -593,21 +599,28 @@ class _Worker:
 
     # stale trials and stopping ---------------------------------------------------------------
     def _settle_stale(self, run_id: str | None, number: int) -> None:
-        """A dead worker's trial: stop its process if it runs here, mark its run KILLED."""
+        """A dead worker's trial: stop its process if it runs here, mark its run KILLED.
+
+        Its project's process runs in its own session, so it outlives a SIGKILLed worker; on
+        this machine it is stopped here, elsewhere it ends by itself. Either way the run is
+        tagged ``STALE``: the study counts the retry, not this run.
+        """
         if not run_id:
             return
         try:
-            if self.tracking.run_status(run_id) != "RUNNING":
-                return
+            run = self.tracking.client.get_run(run_id)
         except Exception:
             return
+        if run.data.tags.get(TAG + "trial_state") not in (None, "RUNNING"):
+            return  # settled already (by another worker)
         stopped = _stop_run_processes(run_id)
         self.tracking.set_tags(run_id, {TAG + "trial_state": "STALE"})
-        self.tracking.finish(run_id, "KILLED", wait=10.0)
-        extra = f"; stopped {stopped} leftover process(es) here" if stopped else ""
+        if self.tracking.run_status(run_id) == "RUNNING":
+            self.tracking.finish(run_id, "KILLED", wait=10.0)
+        extra = f"; stopped {stopped} leftover process group(s) here" if stopped else ""
         self.echo(
-            f"mlpipe: trial {number} lost its worker (no heartbeat): run {run_id} marked "
-            f"KILLED, the trial is queued again{extra}"
+            f"mlpipe: trial {number} lost its worker (no heartbeat): run {run_id} tagged "
+            f"STALE, the trial is queued again{extra}"
         )
 
     def _stop(self, number: int, signum: int) -> None:

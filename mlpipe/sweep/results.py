@@ -55,7 +55,7 @@ def table_row(row: TrialRow, space: Space) -> list[str]:
         state,
         value,
         f"{row.seconds:.1f}s",
-        *(_short(row.params.get(name, "")) for name in space),
+        *(_short(_compact(row.params.get(name, ""))) for name in space),
         (row.run_id or "-")[:12],
     ]
 
@@ -204,6 +204,19 @@ def _figure(axes):
         return axes.figure
     first = axes.flat[0] if hasattr(axes, "flat") else axes[0]
     return first.figure
+
+
+def table_widths(space: Space, metric: str) -> list[int]:
+    """Column widths that fit the usual values, so rows line up as they arrive."""
+    return [5, 22, max(len(metric), 8), 7, *(max(len(n), 10) for n in space), 12]
+
+
+def _compact(text: str) -> str:
+    try:
+        number = float(text)
+    except ValueError:
+        return text
+    return text if text.lstrip("-").isdigit() else f"{number:.4g}"
 
 
 def _short(text: str, n: int = 12) -> str:

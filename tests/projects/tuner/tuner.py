@@ -24,7 +24,8 @@ args = parser.parse_args()
 
 line = None
 if args.script != "-":
-    lines = open(os.path.join(args.script, "scores.txt")).read().split()
+    with open(os.path.join(args.script, "scores.txt")) as fh:
+        lines = fh.read().split()
     for index in range(len(lines)):
         try:
             os.close(os.open(os.path.join(args.script, f"claim-{index}"), os.O_CREAT | os.O_EXCL))
