@@ -340,3 +340,45 @@ def test_run_kubernetes_hands_over_to_mlflow(project_dir, tmp_path, runs_in, mon
     (run,) = runs_in()
     assert run.info.status == "FINISHED"
     assert run.data.tags["mlpipe.entry_point"] == "main"
+
+
+def test_with_params_rechecks_values_and_keeps_the_rest_of_the_plan(project_dir):
+    """A sweep's trial: the checked plan with other values (``mlpipe.sweep`` uses this)."""
+    from mlpipe.core.errors import ParameterError
+    from mlpipe.run.runner import RunRequest, plan_run, with_params
+
+    plan = plan_run(RunRequest(uri=str(project_dir("tuner")), params=["steps=3"]))
+    try:
+        trial = with_params(plan, {"lr": "0.005", "model": "segresnet"}, run_name="t-001")
+        assert trial.params.values["lr"] == "0.005"
+        assert trial.params.values["steps"] == "3"  # the fixed -P stays
+        assert "--lr 0.005 --model segresnet" in trial.command
+        assert trial.request.run_name == "t-001"
+        assert trial.tags == plan.tags and trial.tags is not plan.tags
+        assert plan.params.values["lr"] == "0.01"  # the base plan is untouched
+        with pytest.raises(ParameterError, match="model"):
+            with_params(plan, {"model": "vnet"})
+    finally:
+        plan.source.cleanup()
+
+
+def test_execute_hooks_see_the_process_and_an_outside_stop_ends_killed(project_dir, runs_in):
+    """``LaunchHooks.on_start`` gets the process; stopping it from there is not a failure."""
+    import signal
+    import threading
+
+    from mlpipe.core.errors import InterruptedRunError
+    from mlpipe.run.runner import LaunchHooks, RunRequest, execute, plan_run
+
+    plan = plan_run(RunRequest(uri=str(project_dir("sleeper")), params=["seconds=60"]))
+    seen = []
+
+    def on_start(run_id, process):
+        seen.append(run_id)
+        threading.Timer(1.0, process.stop, args=(signal.SIGTERM,)).start()
+
+    with pytest.raises(InterruptedRunError) as info:
+        execute(plan, hooks=LaunchHooks(on_start=on_start, env={"MLPIPE_TEST_HOOK": "1"}))
+    assert info.value.run_id == seen[0]
+    (run,) = runs_in()
+    assert run.info.run_id == seen[0] and run.info.status == "KILLED"

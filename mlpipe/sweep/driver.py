@@ -723,6 +723,7 @@ def _check_options(request: SweepRequest) -> None:
         )
     if request.timeout:
         parse_duration(request.timeout)
+    _gpus(request.gpus)
     if request.study and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", request.study):
         raise UsageError(
             f"--study {request.study!r}: use letters, digits, '.', '_' and '-' (it becomes a "
