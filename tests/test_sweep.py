@@ -230,3 +230,27 @@ def test_create_study_twice_says_how_to_join_or_resume(study, tmp_path):
 def test_open_storage_refuses_a_non_url():
     with pytest.raises(UsageError, match="expected a database URL"):
         studies.open_storage("sweeps.db")
+
+
+def test_register_best_registers_the_model_the_run_logged(tracking, tmp_path):
+    """``--register``: the best trial's logged model becomes a version, ready for promote."""
+    import mlflow
+
+    from mlpipe.core.settings import resolve_settings
+    from mlpipe.core.tracking import Tracking
+    from mlpipe.sweep.results import register_best
+
+    class Echo(mlflow.pyfunc.PythonModel):
+        def predict(self, context, model_input, params=None):
+            return model_input
+
+    with mlflow.start_run() as run:
+        mlflow.pyfunc.log_model(name="model", python_model=Echo())
+    with mlflow.start_run() as empty:
+        pass
+    adapter = Tracking(resolve_settings(tracking_uri=f"sqlite:///{tmp_path / 'mlruns.db'}"))
+    assert register_best(adapter, run.info.run_id, "tuned") == "1"
+    version = tracking.get_model_version("tuned", "1")
+    assert version.run_id == run.info.run_id
+    with pytest.raises(NotFoundError, match="logged no model"):
+        register_best(adapter, empty.info.run_id, "tuned")

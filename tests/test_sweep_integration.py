@@ -157,6 +157,8 @@ def test_sweep_one_worker_crash_prune_then_resume(tmp_path):
 
 
 def test_sweep_ctrl_c_kills_every_trial_and_the_parent(tmp_path):
+    """Two trials at a time, one per listed GPU slot (no GPU here: the slots only set
+    CUDA_VISIBLE_DEVICES, which the project prints); Ctrl-C stops both."""
     script = _script(tmp_path / "script", "sleep", "sleep", "sleep", "sleep")
     log = tmp_path / "sweep.log"
     proc = _start(
@@ -166,8 +168,8 @@ def test_sweep_ctrl_c_kills_every_trial_and_the_parent(tmp_path):
             "lr=loguniform(1e-4,1e-1)",
             "--trials",
             "4",
-            "--parallel",
-            "2",
+            "--gpus",
+            "0,1",
             "--metric",
             "score",
             "--goal",
@@ -202,6 +204,13 @@ def test_sweep_ctrl_c_kills_every_trial_and_the_parent(tmp_path):
     assert {r.info.status for r in trials} == {"KILLED"}
     assert {_state(r) for r in trials} == {"KILLED"}
     assert _processes_of({r.info.run_id for r in running}) == []
+    seen = set()
+    for run in trials:
+        log = client.download_artifacts(run.info.run_id, "mlpipe", str(tmp_path / run.info.run_id))
+        seen |= {
+            line for p in Path(log).iterdir() for line in p.read_text().split() if "cuda=" in line
+        }
+    assert seen == {"cuda=0", "cuda=1"}
 
 
 def test_two_workers_share_a_postgresql_study_and_survive_a_sigkill(tmp_path):

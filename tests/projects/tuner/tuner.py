@@ -36,6 +36,7 @@ if args.script != "-":
     line = line or lines[-1]
     print(f"scripted: {line}", flush=True)
 
+print(f"cuda={os.environ.get('CUDA_VISIBLE_DEVICES', '-')}", flush=True)
 bonus = 0.1 if args.model == "segresnet" else 0.0
 score = 1.0 - abs(math.log10(args.lr) + 2.5) / 3 + bonus + 0.01 * args.layers
 steps, delay = args.steps, args.delay
