@@ -33,7 +33,6 @@ import math
 import os
 import re
 import statistics
-import tempfile
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -43,14 +42,15 @@ from typing import TYPE_CHECKING, Any
 
 from mlpipe.core.errors import DatasetError, DriftFoundError, NotFoundError, UsageError
 from mlpipe.core.tracking import Tracking, translate_errors
+from mlpipe.inference.models import ModelSource, resolve_model
+from mlpipe.inference.profile_log import profiles_path
 
 if TYPE_CHECKING:
-    from mlflow import MlflowClient
+    pass
 
 REPORT_FORMAT = "mlpipe.drift_report/1"
 PROFILE_ARTIFACT = "mlpipe/data_profile.json"  # as mlpipe.log writes it
 ARTIFACT_DIR = "drift"
-SERVING_FILE = "profiles.jsonl"
 MONITORING_SUFFIX = "-monitoring"
 
 Progress = Callable[[int, int], None]
@@ -114,17 +114,6 @@ class Thresholds:
             problems.append(f"--unseen-share must be in [0, 1], not {self.unseen_share:g}.")
         if problems:
             raise UsageError(" ".join(problems))
-
-
-@dataclass(frozen=True)
-class ModelRef:
-    """The model being checked and the run whose training profile is the reference."""
-
-    uri: str
-    name: str | None
-    version: str | None
-    run_id: str
-    experiment_id: str
 
 
 @dataclass
@@ -203,7 +192,7 @@ class DriftRequest:
 class DriftReport:
     """The outcome of a drift check: per-feature results and where the report went."""
 
-    model: ModelRef
+    model: ModelSource
     source: str
     source_kind: str  # folder | serving
     training_dataset: dict
@@ -293,7 +282,7 @@ def check_drift(
     """
     _check_request(request)
     model = resolve_model(tracking, request.model_uri)
-    training = load_training_profile(tracking, model)
+    training = load_training_profile(model)
     notes: list[str] = []
     if request.from_serving or request.serving_file:
         path = Path(request.serving_file) if request.serving_file else _default_serving(model)
@@ -362,110 +351,36 @@ def _check_request(request: DriftRequest) -> None:
 
 # --- the model and its training profile -----------------------------------------------------
 
-_MODELS_RE = re.compile(r"^models:/(?P<name>[^/@]+?)(?:@(?P<alias>[^/]+)|/(?P<version>[^/]+))?/?$")
-_RUNS_RE = re.compile(r"^runs:/(?P<run>[^/]+)(?:/.*)?$")
-_URI_FORMS = "models:/NAME@ALIAS, models:/NAME/VERSION or runs:/RUN_ID/PATH"
 
-
-def resolve_model(tracking: Tracking, uri: str) -> ModelRef:
-    """The model version behind MODEL_URI and its source run (where the profile is).
-
-    MLflow 3 registers a LoggedModel: the version's ``source`` is ``models:/m-...`` and its
-    ``run_id`` is the run that logged it. A version without ``run_id`` is followed through its
-    LoggedModel's ``source_run_id``.
-
-    Raises:
-        UsageError: a URI that is none of the accepted forms.
-        NotFoundError: the model, alias, version or run does not exist, or has no source run.
-    """
-    client = tracking.client
-    models = _MODELS_RE.match(uri)
-    runs = _RUNS_RE.match(uri)
-    name = version = None
-    if models and models["name"].startswith("m-") and not (models["alias"] or models["version"]):
-        with translate_errors(f"logged model {models['name']}"):
-            run_id = client.get_logged_model(models["name"]).source_run_id
-        name, version = _registered_for_run(client, run_id, uri) if run_id else (None, None)
-    elif models and (models["alias"] or models["version"]):
-        name = models["name"]
-        with translate_errors(f"model {uri}"):
-            if models["alias"]:
-                mv = client.get_model_version_by_alias(name, models["alias"])
-            elif models["version"].isdigit():
-                mv = client.get_model_version(name, models["version"])
-            else:
-                raise UsageError(
-                    f"MODEL_URI {uri!r}: {models['version']!r} is not a version number "
-                    f"(stages are deprecated; use an alias). Expected {_URI_FORMS}."
-                )
-        version = str(mv.version)
-        run_id = mv.run_id or _logged_model_run(client, mv.source)
-    elif runs:
-        run_id = runs["run"]
-        name, version = _registered_for_run(client, run_id)
-    else:
-        raise UsageError(f"MODEL_URI {uri!r} is not a model URI; expected {_URI_FORMS}.")
-    if not run_id:
-        raise NotFoundError(
-            f"{uri} has no source run, so its training profile cannot be found. Register "
-            "versions from a run (log_model(..., registered_model_name=...) inside the run)."
-        )
-    with translate_errors(f"run {run_id} (source of {uri})"):
-        run = client.get_run(run_id)
-    return ModelRef(uri, name, version, run_id, run.info.experiment_id)
-
-
-def _logged_model_run(client: MlflowClient, source: str | None) -> str | None:
-    if not source or not source.startswith("models:/m-"):
-        return None
-    model_id = source[len("models:/") :].split("/", 1)[0]
-    with translate_errors(f"logged model {model_id}"):
-        return client.get_logged_model(model_id).source_run_id
-
-
-def _registered_for_run(
-    client: MlflowClient, run_id: str, source: str | None = None
-) -> tuple[str | None, str | None]:
-    """The registered version logged from ``run_id``: the one of ``source`` if given, else the
-    newest (a run may register more than one model)."""
-    with translate_errors(f"model versions of run {run_id}"):
-        found = client.search_model_versions(f"run_id = '{run_id}'")
-    exact = [mv for mv in found if source and mv.source == source]
-    candidates = exact or found
-    if not candidates:
-        return None, None
-    newest = max(candidates, key=lambda mv: (int(mv.creation_timestamp or 0), int(mv.version)))
-    return newest.name, str(newest.version)
-
-
-def load_training_profile(tracking: Tracking, model: ModelRef) -> dict:
-    """Download ``mlpipe/data_profile.json`` from the model's source run.
+def load_training_profile(model: ModelSource) -> dict:
+    """The training profile the inference core read from the model's source run, checked.
 
     The profile keeps one entry per profiled volume (all of them, or ``max_volumes`` spread
     evenly; seg3d's train profiles up to 50), which is what the KS test needs.
 
     Raises:
-        NotFoundError: the run has no profile, or a profile without volumes.
+        NotFoundError: the model has no source run, the run has no readable profile, or a
+            profile without volumes.
     """
-    with tempfile.TemporaryDirectory(prefix="mlpipe-drift-") as tmp:
-        try:
-            with translate_errors(f"run {model.run_id}"):
-                local = tracking.client.download_artifacts(model.run_id, PROFILE_ARTIFACT, tmp)
-            profile = json.loads(Path(local).read_text(encoding="utf-8"))
-        except (NotFoundError, OSError, UsageError, ValueError) as exc:
-            raise NotFoundError(
-                f"Run {model.run_id} (source of {model.uri}) has no readable {PROFILE_ARTIFACT} "
-                f"({exc}). Call mlpipe.log.data_profile(...) in the training code so drift can "
-                "be checked against it."
-            ) from exc
+    if not model.run_id:
+        raise NotFoundError(
+            f"{model.uri} has no source run, so its training profile cannot be found. Register "
+            "versions from a run (log_model(..., registered_model_name=...) inside the run)."
+        )
+    profile = model.training_profile
+    if profile is None:
+        raise NotFoundError(
+            f"Run {model.run_id} (source of {model.uri}) has no readable {PROFILE_ARTIFACT}. "
+            "Call mlpipe.log.data_profile(...) in the training code so drift can be checked "
+            "against it."
+        )
     volumes = [v for v in profile.get("volumes", []) if _usable(v)]
     if not volumes:
         raise NotFoundError(
             f"The training profile of run {model.run_id} holds no volume entries; nothing to "
             "compare with. Profile the training data with mlpipe.log.data_profile(data)."
         )
-    profile["volumes"] = volumes
-    return profile
+    return {**profile, "volumes": volumes}
 
 
 # --- the new side ---------------------------------------------------------------------------
@@ -529,17 +444,6 @@ def profile_images(
     return profiles, failed
 
 
-def serving_profiles_path(model_name: str, env: Mapping[str, str] | None = None) -> Path:
-    """Where ``mlpipe serve`` keeps a model's input profiles.
-
-    ``<cache>/serving/<model>/profiles.jsonl``, with ``<cache>`` the folder of mlpipe's hash
-    cache: ``$MLPIPE_CACHE_DIR``, else ``$XDG_CACHE_HOME/mlpipe``, else ``~/.cache/mlpipe``.
-    """
-    from mlpipe.data.dataset import default_cache_path
-
-    return default_cache_path(env).parent / "serving" / model_name / SERVING_FILE
-
-
 def read_serving_profiles(
     path: str | os.PathLike[str], *, since: str | None = None
 ) -> tuple[list[dict], int]:
@@ -587,13 +491,13 @@ def read_serving_profiles(
     return profiles, skipped
 
 
-def _default_serving(model: ModelRef) -> Path:
+def _default_serving(model: ModelSource) -> Path:
     if not model.name:
         raise UsageError(
             f"{model.uri} is not a registered model, so its serving profiles cannot be found "
             "by name. Give --serving-file PATH."
         )
-    return serving_profiles_path(model.name)
+    return profiles_path(model.name)
 
 
 # --- the comparison -------------------------------------------------------------------------
@@ -764,7 +668,7 @@ def write_report(report: DriftReport, new_profiles: Sequence[dict], folder: Path
     return {key: str(path) for key, path in paths.items()}
 
 
-def monitoring_experiment(tracking: Tracking, model: ModelRef) -> str:
+def monitoring_experiment(tracking: Tracking, model: ModelSource) -> str:
     """``<model>-monitoring``; for an unregistered ``runs:/`` model, after its run's experiment.
 
     Under the team's ``experiment_prefix``, like every experiment mlpipe creates.
