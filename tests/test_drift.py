@@ -24,21 +24,13 @@ import torch
 from click.testing import CliRunner
 from mlflow import MlflowClient
 
-from mlpipe.cli.group import cli
+from mlpipe.cli import cli
 from mlpipe.core.errors import UsageError
 from mlpipe.data.profile import profile_volume
 from mlpipe.inference.models import resolve_model
 from mlpipe.inference.profile_log import profiles_path
-from mlpipe.monitor.drift import (
-    CHECK,
-    DRIFT,
-    FEATURE_ORDER,
-    OK,
-    Thresholds,
-    compare_profiles,
-    find_images,
-    read_serving_profiles,
-)
+from mlpipe.monitor.features import CHECK, DRIFT, FEATURE_ORDER, OK, Thresholds, compare_profiles
+from mlpipe.monitor.new_volumes import find_images, read_serving_profiles
 from mlpipe.registry.promotion import connect
 from tests.conftest import isolated_env
 
