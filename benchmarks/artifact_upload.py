@@ -99,7 +99,9 @@ def main() -> None:
     from metrics_logging import wait_until_idle
     from mlflow import MlflowClient
 
-    from mlpipe.server import launch as server
+    from mlpipe.server.launch import start
+    from mlpipe.server.plan import plan as make_plan
+    from mlpipe.server.preflight import preflight
 
     with tempfile.TemporaryDirectory(prefix="mlpipe-bench-") as tmp, moto_server() as (s3, _):
         folder = Path(tmp)
@@ -115,7 +117,7 @@ def main() -> None:
             **CREDENTIALS,
             "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
         }
-        plan = server.plan(
+        plan = make_plan(
             backend_store_uri=f"sqlite:///{folder / 'server.db'}",
             artifacts_destination=f"s3://{BUCKET}/mlflow",
             port=_free_port(),
@@ -124,8 +126,8 @@ def main() -> None:
             create_bucket=True,
             env=env,
         )
-        server.preflight(plan, env=env)
-        handle = server.start(plan, env=env)
+        preflight(plan, env=env)
+        handle = start(plan, env=env)
         try:
             settle_s = wait_until_idle(handle.pid)
             checkpoint = folder / "checkpoint.pt"

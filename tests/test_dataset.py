@@ -22,13 +22,8 @@ import pytest
 
 import mlpipe.data.dataset as dataset_module
 from mlpipe.core.errors import DatasetError
-from mlpipe.data.dataset import (
-    CACHE_ENV,
-    DatasetInfo,
-    build_manifest,
-    default_cache_path,
-    digest_of,
-)
+from mlpipe.data.dataset import DatasetInfo, build_manifest, digest_of
+from mlpipe.data.hash_cache import CACHE_ENV, default_cache_path
 
 DAY_AGO_NS = time.time_ns() - 86_400 * 10**9
 HOUR_AGO_NS = time.time_ns() - 3_600 * 10**9

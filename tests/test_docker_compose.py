@@ -15,7 +15,8 @@ import tomllib
 import yaml
 
 from mlpipe.cli import cli
-from mlpipe.server import launch as server
+from mlpipe.server.plan import AUTH_APP, AUTH_PASSWORD_ENV, BACKEND_URI_ENV, ServerPlan
+from mlpipe.server.plan import plan as make_plan
 from tests.conftest import REPO_ROOT, S3_CREDENTIALS
 from tests.test_server_integration import server_cli_args
 
@@ -83,7 +84,7 @@ def parse_server_args(args: list[str]) -> dict:
     return command.make_context("server", list(args), resilient_parsing=False).params
 
 
-def plan_from(params: dict, env: dict[str, str]) -> server.ServerPlan:
+def plan_from(params: dict, env: dict[str, str]) -> ServerPlan:
     keys = [
         "backend_store_uri",
         "artifacts_destination",
@@ -96,7 +97,7 @@ def plan_from(params: dict, env: dict[str, str]) -> server.ServerPlan:
         "auth_db_uri",
         "allowed_hosts",
     ]
-    return server.plan(**{k: params[k] for k in keys}, env=env)
+    return make_plan(**{k: params[k] for k in keys}, env=env)
 
 
 def native_params() -> dict:
@@ -167,13 +168,13 @@ def test_tracking_server_command_matches_native_stack(compose, env_example):
     assert given - native_given <= {"allowed_hosts"}  # containers address it as mlflow:5000
 
     compose_plan = plan_from(params, environment)
-    native_plan = plan_from(native, {server.AUTH_PASSWORD_ENV: "admin-pass-1234"})
+    native_plan = plan_from(native, {AUTH_PASSWORD_ENV: "admin-pass-1234"})
 
-    def flags(p: server.ServerPlan) -> set[str]:
+    def flags(p: ServerPlan) -> set[str]:
         return {a for a in p.mlflow_args() if a.startswith("--")}
 
     assert flags(compose_plan) == flags(native_plan) | {"--allowed-hosts"}
-    assert compose_plan.app_name == native_plan.app_name == server.AUTH_APP
+    assert compose_plan.app_name == native_plan.app_name == AUTH_APP
     assert compose_plan.backend_store_uri.startswith("postgresql://mlflow:")
     assert "pg-pass-1234" not in " ".join(compose_plan.command())
     allowed = compose_plan.allowed_hosts.split(",")
@@ -210,10 +211,10 @@ def test_credentials_only_where_the_native_stack_puts_them(compose, env_example)
     training client gets none of them."""
     services = interpolate(compose["services"], filled(env_example))
     server_env = set(services["mlflow"]["environment"])
-    assert set(S3_CREDENTIALS) | {server.AUTH_PASSWORD_ENV, server.BACKEND_URI_ENV} <= server_env
+    assert set(S3_CREDENTIALS) | {AUTH_PASSWORD_ENV, BACKEND_URI_ENV} <= server_env
     train_env = set(services["train"]["environment"])
     assert not {k for k in train_env if k.startswith("AWS_")}
-    assert server.AUTH_PASSWORD_ENV not in train_env
+    assert AUTH_PASSWORD_ENV not in train_env
 
 
 def test_server_image_installs_the_server_extra():

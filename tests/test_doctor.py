@@ -15,8 +15,8 @@ from click.testing import CliRunner
 from mlflow import MlflowClient
 
 from mlpipe.cli import cli
+from mlpipe.core.outbox import outbox_files, write_outbox
 from mlpipe.core.settings import resolve_settings
-from mlpipe.log.batching import outbox_files, write_outbox
 from mlpipe.server.doctor import (
     DOCTOR_EXPERIMENT,
     FAIL,

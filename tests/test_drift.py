@@ -27,18 +27,10 @@ from mlflow import MlflowClient
 from mlpipe.cli import cli
 from mlpipe.core.errors import UsageError
 from mlpipe.data.profile import profile_volume
-from mlpipe.monitor.drift import (
-    CHECK,
-    DRIFT,
-    FEATURE_ORDER,
-    OK,
-    Thresholds,
-    compare_profiles,
-    find_images,
-    read_serving_profiles,
-    resolve_model,
-    serving_profiles_path,
-)
+from mlpipe.inference.models import resolve_model
+from mlpipe.inference.profile_log import profiles_path
+from mlpipe.monitor.features import CHECK, DRIFT, FEATURE_ORDER, OK, Thresholds, compare_profiles
+from mlpipe.monitor.new_volumes import find_images, read_serving_profiles
 from mlpipe.registry.promotion import connect
 from tests.conftest import isolated_env
 
@@ -180,15 +172,13 @@ def test_read_serving_profiles_missing_file_and_bad_since(tmp_path):
 
 
 def test_serving_profiles_path_follows_the_cache_dir_rule(tmp_path):
-    assert serving_profiles_path("seg3d", {"MLPIPE_CACHE_DIR": str(tmp_path)}) == (
+    assert profiles_path("seg3d", {"MLPIPE_CACHE_DIR": str(tmp_path)}) == (
         tmp_path / "serving" / "seg3d" / "profiles.jsonl"
     )
-    xdg = serving_profiles_path("seg3d", {"XDG_CACHE_HOME": "/x"})
+    xdg = profiles_path("seg3d", {"XDG_CACHE_HOME": "/x"})
     assert xdg == Path("/x/mlpipe/serving/seg3d/profiles.jsonl")
     # the default (from the autouse fixture's MLPIPE_CACHE_DIR) is the same rule
-    assert serving_profiles_path("m") == Path(os.environ["MLPIPE_CACHE_DIR"]) / (
-        "serving/m/profiles.jsonl"
-    )
+    assert profiles_path("m") == Path(os.environ["MLPIPE_CACHE_DIR"]) / ("serving/m/profiles.jsonl")
 
 
 def test_find_images_skips_labels(tmp_path):
@@ -483,7 +473,7 @@ def write_serving(path: Path, folder: Path, *, truncate: bool = True) -> None:
 
 
 def test_from_serving_reads_the_default_profiles_file(trained, new_data):
-    write_serving(serving_profiles_path(MODEL), new_data["seed2"])
+    write_serving(profiles_path(MODEL), new_data["seed2"])
     result = drift(trained, f"models:/{MODEL}@production", "--from-serving")
     assert result.exit_code == 0, result.output
     assert "1 line(s) of" in result.output and "could not be read and were skipped" in result.output
@@ -517,8 +507,8 @@ def test_few_volumes_say_the_ks_test_cannot_fire(trained, new_data):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (("models:/seg3d-drift", "x"), "is not a model URI"),
-        (("models:/seg3d-drift/Production", "x"), "not a version number"),
+        (("models:/seg3d-drift", "x"), "models:/seg3d-drift': no version"),
+        (("models:/seg3d-drift/Production", "x"), "neither a version number"),
         (("s3://bucket/model", "x"), "is not a model URI"),
         (("models:/seg3d-drift/9", "."), "seg3d-drift"),
         (("models:/no-such-model/1", "."), "no-such-model"),

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from mlpipe.log.batching import outbox_files
+from mlpipe.core.outbox import outbox_files
 from tests.conftest import REPO_ROOT
 from tests.test_doctor_integration import MlflowServer
 

@@ -15,7 +15,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from mlpipe.data.dataset import Pair, build_manifest
+from mlpipe.data.dataset import build_manifest
+from mlpipe.data.layouts import Pair
 from seg3d import synthesize as synth
 from seg3d.checks import check_dataset, resolve_data_dir, split_cases
 from seg3d.config import Seg3dInputError, TrainConfig

@@ -31,8 +31,8 @@ from mlflow import MlflowClient
 
 from mlpipe.cli import cli
 from mlpipe.core.errors import NotFoundError, UsageError
+from mlpipe.inference.geometry import GeometryLimits
 from mlpipe.inference.inputs import parse_size
-from mlpipe.inference.limits import GeometryLimits
 from mlpipe.inference.models import resolve_model
 from mlpipe.inference.profile_log import ProfileLog, profiles_path
 from mlpipe.inference.segmenter import Segmenter
@@ -638,7 +638,7 @@ def test_upload_read_from_a_file_object_in_chunks(base_state, tmp_path):
 def test_bind_makes_a_tcp_socket_so_answers_are_not_delayed():
     import socket
 
-    from mlpipe.serve.service import bind
+    from mlpipe.serve.listen import bind
 
     sock = bind("127.0.0.1", 0)
     try:

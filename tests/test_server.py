@@ -16,8 +16,11 @@ from click.testing import CliRunner
 
 from mlpipe.cli import cli
 from mlpipe.core.errors import UsageError
-from mlpipe.server import launch as server
 from mlpipe.server.app import ProxiedArtifactsOnly
+from mlpipe.server.plan import APP, AUTH_APP
+from mlpipe.server.plan import plan as plan_server
+from mlpipe.server.preflight import PreflightError, preflight
+from mlpipe.server.process import _masker, _server_env
 
 PG_URI = "postgresql://mlflow:pa%25ss-w0rd@db.example:5432/mlflow"
 S3 = "s3://team-artifacts/mlflow"
@@ -25,7 +28,7 @@ S3 = "s3://team-artifacts/mlflow"
 
 def make_plan(**overrides):
     args = {"backend_store_uri": PG_URI, "artifacts_destination": S3, "env": {}} | overrides
-    return server.plan(**args)
+    return plan_server(**args)
 
 
 # plan: every option checked, nothing touched ------------------------------------------------
@@ -84,7 +87,7 @@ def test_plan_auth_needs_admin_password_from_environment():
         make_plan(auth=True, env={"MLFLOW_AUTH_ADMIN_PASSWORD": "short-pw"})
     p = make_plan(auth=True, env={"MLFLOW_AUTH_ADMIN_PASSWORD": "long-enough-pw"})
     assert p.auth_db_uri == PG_URI  # the auth tables live in the tracking database
-    assert p.app_name == server.AUTH_APP
+    assert p.app_name == AUTH_APP
     other = make_plan(auth=True, auth_db_uri="sqlite:////tmp/auth.db", env=p_env())
     assert other.auth_db_uri == "sqlite:////tmp/auth.db"
 
@@ -112,7 +115,7 @@ def test_command_keeps_password_off_the_command_line():
     assert cmd[1:4] == ["-m", "mlflow", "server"]
     assert "--serve-artifacts" in cmd
     assert cmd[cmd.index("--artifacts-destination") + 1] == S3
-    assert cmd[cmd.index("--app-name") + 1] == server.APP
+    assert cmd[cmd.index("--app-name") + 1] == APP
     assert cmd[cmd.index("--allowed-hosts") + 1] == "mlflow:*"
     assert "--default-artifact-root" not in cmd  # new experiments get mlflow-artifacts:/
     assert not [a for a in cmd if "postgresql" in a or "w0rd" in a]
@@ -130,7 +133,7 @@ def test_describe_masks_every_secret():
 
 def test_server_env_sets_server_only_variables(tmp_path):
     p = make_plan(s3_endpoint_url="http://127.0.0.1:9000")
-    env = server._server_env(
+    env = _server_env(
         p, {"MLFLOW_TRACKING_URI": "http://elsewhere", "PATH": "/bin"}, tmp_path, ("M", "1")
     )
     assert env["MLFLOW_BACKEND_STORE_URI"] == PG_URI
@@ -144,7 +147,7 @@ def test_auth_config_holds_no_password_and_mlflow_reads_it(tmp_path, monkeypatch
     """The temporary basic_auth.ini, read by MLflow's own reader: the database URI survives
     configparser's interpolation (a %-encoded password), the password comes from the env."""
     p = make_plan(auth=True, env=p_env())
-    env = server._server_env(p, p_env(), tmp_path, ("M", "1"))
+    env = _server_env(p, p_env(), tmp_path, ("M", "1"))
     path = tmp_path / "basic_auth.ini"
     assert env["MLFLOW_AUTH_CONFIG_PATH"] == str(path)
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
@@ -166,7 +169,7 @@ def test_masker_hides_passwords_and_keys_in_server_output():
         "MLFLOW_AUTH_ADMIN_PASSWORD": "long-enough-pw",
         "AWS_SECRET_ACCESS_KEY": "aws-secret-value",
     }
-    mask = server._masker(env, p)
+    mask = _masker(env, p)
     line = "oops long-enough-pw aws-secret-value pa%ss-w0rd pa%25ss-w0rd end"
     assert mask(line) == "oops *** *** *** *** end"
 
@@ -177,8 +180,8 @@ def test_preflight_port_in_use_is_named(tmp_path):
         busy.listen(1)
         port = busy.getsockname()[1]
         p = make_plan(backend_store_uri="sqlite:///x.db", port=port, cwd=tmp_path)
-        with pytest.raises(server.PreflightError) as info:
-            server.preflight(p)
+        with pytest.raises(PreflightError) as info:
+            preflight(p)
     assert info.value.component == "port"
     assert f"127.0.0.1:{port}" in str(info.value)
 

@@ -394,7 +394,7 @@ def test_client_environ_sets_and_restores_without_overwriting(tmp_path, monkeypa
 def test_run_dry_run_applies_experiment_prefix_from_project_file(project_dir):
     from click.testing import CliRunner
 
-    from mlpipe.cli import cli
+    from mlpipe.cli.group import cli
 
     proj = project_dir("good")
     (proj / "mlpipe.yaml").write_text("experiment_prefix: neuro/\n")
@@ -430,7 +430,7 @@ def configured(tmp_path, monkeypatch):
 def test_config_show_prints_values_sources_and_masks_secrets(configured):
     from click.testing import CliRunner
 
-    from mlpipe.cli import cli
+    from mlpipe.cli.group import cli
 
     project, user = configured
     result = CliRunner().invoke(cli, ["config", "show", "--project", str(project)])
@@ -451,7 +451,7 @@ def test_config_show_prints_values_sources_and_masks_secrets(configured):
 def test_config_show_json_flag_wins(configured):
     from click.testing import CliRunner
 
-    from mlpipe.cli import cli
+    from mlpipe.cli.group import cli
 
     project, user = configured
     result = CliRunner().invoke(
@@ -469,7 +469,7 @@ def test_config_show_json_flag_wins(configured):
 def test_config_show_bad_file_is_an_error_with_exit_2(tmp_path):
     from click.testing import CliRunner
 
-    from mlpipe.cli import cli
+    from mlpipe.cli.group import cli
 
     (tmp_path / "mlpipe.yaml").write_text("tracking_pasword: x\n")
     result = CliRunner().invoke(cli, ["config", "show"])
@@ -480,7 +480,7 @@ def test_config_show_bad_file_is_an_error_with_exit_2(tmp_path):
 def test_config_show_marks_unset_urls(tmp_path, monkeypatch):
     from click.testing import CliRunner
 
-    from mlpipe.cli import cli
+    from mlpipe.cli.group import cli
 
     monkeypatch.setenv("MLPIPE_CONFIG", str(tmp_path / "none.yaml"))
     monkeypatch.delenv("MLFLOW_S3_ENDPOINT_URL", raising=False)

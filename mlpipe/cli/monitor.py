@@ -174,7 +174,8 @@ def drift(
     """
     from mlpipe.core.settings import redact_uri
     from mlpipe.core.tables import format_rows
-    from mlpipe.monitor.drift import DriftRequest, Thresholds, check_drift, raise_if_drift
+    from mlpipe.monitor.drift import DriftRequest, check_drift, raise_if_drift
+    from mlpipe.monitor.features import Thresholds
     from mlpipe.registry.promotion import connect
 
     request = DriftRequest(

@@ -148,7 +148,7 @@ def history(model: str, alias: str | None, as_json: bool, tracking_uri: str | No
     """Who moved MODEL's aliases, when, from which version to which, why, and which gates."""
     from mlpipe.core.tables import format_rows
     from mlpipe.registry.promotion import connect
-    from mlpipe.registry.promotion import history as read_history
+    from mlpipe.registry.views import history as read_history
 
     events = read_history(connect(tracking_uri), model, alias)
     if as_json:
@@ -180,7 +180,8 @@ def history(model: str, alias: str | None, as_json: bool, tracking_uri: str | No
 def models(model: str | None, tracking_uri: str | None) -> None:
     """List registered models, or MODEL's versions with aliases, stage and primary metric."""
     from mlpipe.core.tables import format_frame
-    from mlpipe.registry.promotion import connect, list_models, list_versions
+    from mlpipe.registry.promotion import connect
+    from mlpipe.registry.views import list_models, list_versions
 
     tracking = connect(tracking_uri)
     frame = list_versions(tracking, model) if model else list_models(tracking)

@@ -69,7 +69,8 @@ def serve(
       curl -F file=@ct.nii.gz -o mask.nii.gz http://127.0.0.1:8080/segment
     """
     from mlpipe.inference.inputs import parse_size
-    from mlpipe.serve.service import ServeOptions, bind, prepare, run_server
+    from mlpipe.serve.listen import bind, run_server
+    from mlpipe.serve.service import ServeOptions, prepare
 
     options = ServeOptions(
         model_uri=model_uri,

@@ -81,9 +81,11 @@ def server(
         --artifacts-destination s3://mlflow/artifacts \\
         --s3-endpoint-url http://127.0.0.1:9000 --create-bucket
     """
-    from mlpipe.server import launch as srv
+    from mlpipe.server.launch import serve, start
+    from mlpipe.server.plan import plan as make_plan
+    from mlpipe.server.preflight import preflight
 
-    server_plan = srv.plan(
+    server_plan = make_plan(
         backend_store_uri=backend_store_uri,
         artifacts_destination=artifacts_destination,
         host=host,
@@ -108,12 +110,10 @@ def server(
             click.echo(f"    {name}={value}")
         click.echo(f"  command: {described['command']}")
         return
-    for note in srv.preflight(server_plan):
+    for note in preflight(server_plan):
         click.echo(note, err=True)
     click.echo(f"Starting mlflow server on {server_plan.local_url} ...", err=True)
-    handle = srv.start(
-        server_plan, echo=lambda line: click.echo(line, err=True), timeout=start_timeout
-    )
+    handle = start(server_plan, echo=lambda line: click.echo(line, err=True), timeout=start_timeout)
     click.echo(f"Tracking server ready: {handle.url}")
     click.echo(f"  artifacts: {server_plan.artifacts_destination} (proxied by the server)")
     click.echo("Researchers run:")
@@ -121,7 +121,7 @@ def server(
     if auth:
         click.echo("  export MLFLOW_TRACKING_USERNAME=... MLFLOW_TRACKING_PASSWORD=...")
     click.echo("Check it: mlpipe doctor. Stop it: Ctrl-C.", err=True)
-    signum = srv.serve(handle)
+    signum = serve(handle)
     click.echo("Stopped the tracking server.", err=True)
     ctx.exit(128 + signum)
 

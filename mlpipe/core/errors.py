@@ -67,7 +67,7 @@ class MetricsNotSentError(TrackingUnavailableError):
 
 
 class BatcherClosedError(RuntimeError):
-    """Logging to a closed ``mlpipe.batching.MetricBatcher``: a bug in the caller, not input."""
+    """Logging to a closed ``mlpipe.log.batching.MetricBatcher``: a bug in the caller, not input."""
 
 
 class ProjectCommandError(MlpipeError):

@@ -175,7 +175,7 @@ class Tracking:
         Keeps trying for ``wait`` seconds, so a server that restarts does not leave the run
         RUNNING; each try is bounded (10 s, no MLflow retries) and ``echo`` gets a progress
         line every 15 s (more often for short waits). When the server never answers, the end
-        is written to the outbox (``mlpipe.batching``): the next ``mlpipe run`` or ``mlpipe
+        is written to the outbox (``mlpipe.core.outbox``): the next ``mlpipe run`` or ``mlpipe
         doctor`` against this server marks the run FAILED, tagged ``mlpipe.failure`` with
         the reason.
 
@@ -191,7 +191,7 @@ class Tracking:
                 says what was kept and how it gets sent.
             UsageError, NotFoundError: the server refused (unknown run, credentials).
         """
-        from mlpipe.log.batching import FAILURE_TAG, replay_outbox, write_outbox
+        from mlpipe.core.outbox import FAILURE_TAG, replay_outbox, write_outbox
 
         began = time.monotonic()
         deadline = began + wait
@@ -246,7 +246,7 @@ class Tracking:
         Raises:
             TrackingUnavailableError, UsageError: the server did not take it.
         """
-        from mlpipe.log.batching import outbox_files, replay_outbox
+        from mlpipe.core.outbox import outbox_files, replay_outbox
 
         if not outbox_files(self.uri):
             return []

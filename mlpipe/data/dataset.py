@@ -30,22 +30,27 @@ Pure library code: no mlflow, no printing; ``progress`` lets the caller show pro
 
 from __future__ import annotations
 
-import contextlib
-import csv
 import hashlib
 import json
 import os
-import re
-import sqlite3
 import time
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
-from pathlib import Path, PurePath
+from pathlib import Path
 
 from mlpipe.core.errors import DatasetError
-from mlpipe.data.volumes import is_volume, read_header
+from mlpipe.data.hash_cache import (
+    _RACY_WINDOW_NS,
+    CACHE_ENV,
+    _cache_path,
+    _Facts,
+    _HashCache,
+    default_cache_path,
+)
+from mlpipe.data.layouts import Pair, _discover, _Layout, _pair_order, _raise_all, _relative
+from mlpipe.data.volumes import read_header
 
 __all__ = [
     "CACHE_ENV",
@@ -57,25 +62,15 @@ __all__ = [
     "digest_of",
 ]
 
-CACHE_ENV = "MLPIPE_CACHE_DIR"
-CACHE_FILE = "hashes.sqlite"
-SPLITS = ("train", "val", "test")
-"""Accepted split names; every split but ``test`` needs a label for each image."""
 
 Progress = Callable[[int, int, int], None]
 """``progress(done_files, total_files, bytes_done)``, called from the calling thread."""
 
+
 _CHUNK = 1 << 20
+
+
 _GZIP_OUT_LIMIT = 1 << 24  # labels compress ~1000:1; bound what one chunk may inflate to
-_RACY_WINDOW_NS = 2_000_000_000
-_CACHE_SCHEMA = 1
-_LOOKUP_BATCH = 500  # stays under SQLite's bound-parameter limit on old builds
-_MAX_LISTED = 10
-_PLAIN_NAME = re.compile(r"^(?P<case>.+)_(?P<role>image|label)\.nii(?:\.gz)?$", re.IGNORECASE)
-_FIX_LAYOUT = (
-    "Use the Decathlon layout (imagesTr/, labelsTr/), name files <case>_image.nii.gz and "
-    "<case>_label.nii.gz, or list the pairs in a CSV/JSON manifest."
-)
 
 
 @dataclass(frozen=True)
@@ -96,16 +91,6 @@ class FileEntry:
     sha256: str
     role: str
     case: str
-    split: str
-
-
-@dataclass(frozen=True)
-class Pair:
-    """An image and its label (``None`` for an unlabelled test image), absolute, for loading."""
-
-    case: str
-    image: Path
-    label: Path | None
     split: str
 
 
@@ -200,284 +185,6 @@ def digest_of(entries: Iterable[FileEntry]) -> str:
     records = sorted((_record(entry) for entry in entries), key=lambda r: (r["path"], r["role"]))
     text = json.dumps(records, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
-
-
-def default_cache_path(env: Mapping[str, str] | None = None) -> Path:
-    """Where the hash cache lives when ``build_manifest`` is given no ``cache``.
-
-    ``hashes.sqlite`` in ``$MLPIPE_CACHE_DIR``, else ``$XDG_CACHE_HOME/mlpipe``, else
-    ``~/.cache/mlpipe``: a per-user cache, as pip and uv keep theirs, so that every project
-    of a user shares the hashes of a dataset they all read.
-    """
-    env = os.environ if env is None else env
-    if env.get(CACHE_ENV):
-        base = Path(env[CACHE_ENV]).expanduser()
-    else:
-        xdg = env.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-        base = Path(xdg) / "mlpipe"
-    return base / CACHE_FILE
-
-
-# Discovery: which files, paired how ---------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _Layout:
-    source: Path  # the folder or manifest file, absolute
-    root: Path  # what entry paths are relative to
-    name: str
-    version: str | None
-    pairs: list[Pair]
-    origins: dict[Path, str]  # path -> where it was listed, for messages ("rows.csv row 4")
-
-
-def _discover(source: str | os.PathLike[str]) -> _Layout:
-    given = os.fspath(source)
-    path = Path(given).expanduser().absolute()
-    if not path.exists():
-        raise DatasetError(
-            f"Dataset {given} does not exist (looked for {path}). Give the dataset folder or a "
-            ".csv/.json manifest file."
-        )
-    path = path.resolve()
-    if path.is_dir():
-        if (path / "imagesTr").is_dir():
-            return _decathlon(path)
-        if (path / "dataset.json").is_file():
-            raise DatasetError(
-                f"{path} has a dataset.json but no imagesTr/ folder; a Decathlon dataset keeps "
-                "its training images in imagesTr/ and their labels in labelsTr/."
-            )
-        return _plain_folder(path)
-    suffix = path.suffix.lower()
-    if suffix == ".csv":
-        return _manifest(path, _csv_rows(path), name=None, version=None)
-    if suffix == ".json":
-        return _json_manifest(path)
-    if is_volume(path):
-        raise DatasetError(
-            f"{path} is a single volume, not a dataset. Give the folder that holds it, or a "
-            ".csv/.json manifest listing image/label pairs."
-        )
-    raise DatasetError(
-        f"{path} is neither a folder nor a .csv/.json manifest. Give the dataset folder or a "
-        "manifest file."
-    )
-
-
-def _decathlon(root: Path) -> _Layout:
-    meta = _read_json(root / "dataset.json") if (root / "dataset.json").is_file() else {}
-    if not isinstance(meta, dict):
-        raise DatasetError(f"{root / 'dataset.json'} must hold a JSON object.")
-    problems: list[str] = []
-    pairs = _pair_folders(root, "imagesTr", "labelsTr", "train", problems)
-    if (root / "imagesTs").is_dir() or (root / "labelsTs").is_dir():
-        pairs += _pair_folders(root, "imagesTs", "labelsTs", "test", problems)
-    _raise_all(problems)
-    if not pairs:
-        raise DatasetError(
-            f"No volumes found in {root / 'imagesTr'}: expected .nii or .nii.gz files."
-        )
-    return _Layout(
-        source=root,
-        root=root,
-        name=_declared(meta, "name", root / "dataset.json") or root.name,
-        version=_declared(meta, "version", root / "dataset.json"),
-        pairs=pairs,
-        origins={},
-    )
-
-
-def _pair_folders(
-    root: Path, image_dir: str, label_dir: str, split: str, problems: list[str]
-) -> list[Pair]:
-    images = _volumes_by_case(root / image_dir, problems)
-    labels = _volumes_by_case(root / label_dir, problems)
-    pairs = []
-    for case, image in sorted(images.items()):
-        label = labels.get(case)
-        if label is None and split != "test":
-            expected = root / label_dir / image.name
-            problems.append(f"Image {image} has no label: expected {expected}.")
-        pairs.append(Pair(case=case, image=image, label=label, split=split))
-    for case, label in sorted(labels.items()):
-        if case not in images:
-            expected = root / image_dir / label.name
-            problems.append(f"Label {label} has no image: expected {expected}.")
-    return pairs
-
-
-def _volumes_by_case(folder: Path, problems: list[str]) -> dict[str, Path]:
-    """Volumes directly in a folder, by case id (file name without ``.nii[.gz]``)."""
-    if not folder.is_dir():
-        return {}
-    found: dict[str, Path] = {}
-    for entry in sorted(os.scandir(folder), key=lambda e: e.name):
-        if entry.name.startswith(".") or not is_volume(entry.name) or entry.is_dir():
-            continue
-        case = _strip_suffix(entry.name)
-        if case in found:
-            problems.append(
-                f"{found[case]} and {entry.path} are the same case {case!r}; keep one of them."
-            )
-            continue
-        found[case] = Path(entry.path)
-    return found
-
-
-def _plain_folder(root: Path) -> _Layout:
-    images: dict[str, Path] = {}
-    labels: dict[str, Path] = {}
-    problems: list[str] = []
-    unmatched: list[Path] = []
-    for path in _walk_volumes(root):
-        match = _PLAIN_NAME.match(path.name)
-        if match is None:
-            unmatched.append(path)
-            continue
-        rel_dir = path.parent.relative_to(root).as_posix()
-        case = match["case"] if rel_dir == "." else f"{rel_dir}/{match['case']}"
-        found = images if match["role"].lower() == "image" else labels
-        if case in found:
-            problems.append(f"{found[case]} and {path} are the same {match['role']} of {case!r}.")
-        found[case] = path
-    if not images and not labels and not unmatched:
-        raise DatasetError(f"No volumes (.nii, .nii.gz) found in {root}. {_FIX_LAYOUT}")
-    for path in unmatched:
-        problems.append(f"{path} is neither <case>_image nor <case>_label. {_FIX_LAYOUT}")
-    pairs = []
-    for case, image in sorted(images.items()):
-        label = labels.get(case)
-        if label is None:
-            expected = image.parent / f"{_plain_case(image)}_label{_suffix(image.name)}"
-            problems.append(f"Image {image} has no label: expected {expected}.")
-        pairs.append(Pair(case=case, image=image, label=label, split="train"))
-    for case, label in sorted(labels.items()):
-        if case not in images:
-            expected = label.parent / f"{_plain_case(label)}_image{_suffix(label.name)}"
-            problems.append(f"Label {label} has no image: expected {expected}.")
-    _raise_all(problems)
-    return _Layout(source=root, root=root, name=root.name, version=None, pairs=pairs, origins={})
-
-
-def _plain_case(path: Path) -> str:
-    match = _PLAIN_NAME.match(path.name)
-    return match["case"] if match else _strip_suffix(path.name)
-
-
-def _walk_volumes(root: Path) -> Iterator[Path]:
-    """Volumes under ``root`` in a stable order, skipping hidden files and folders."""
-    for folder, dirs, files in os.walk(root):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        for name in sorted(files):
-            if not name.startswith(".") and is_volume(name):
-                yield Path(folder) / name
-
-
-def _json_manifest(path: Path) -> _Layout:
-    data = _read_json(path)
-    name = version = None
-    if isinstance(data, dict):
-        if "pairs" not in data:
-            raise DatasetError(
-                f"{path} is a JSON object without 'pairs'; expected a list of "
-                '{"image": ..., "label": ...} objects, or {"name", "version", "pairs": [...]}.'
-            )
-        name = _declared(data, "name", path)
-        version = _declared(data, "version", path)
-        data = data["pairs"]
-    if not isinstance(data, list):
-        raise DatasetError(f"{path}: 'pairs' must be a list of image/label objects.")
-    rows = []
-    for number, item in enumerate(data, start=1):
-        if not isinstance(item, dict):
-            raise DatasetError(
-                f"{path} item {number} is {type(item).__name__}, not an object with 'image' "
-                "and 'label'."
-            )
-        rows.append((f"item {number}", item))
-    return _manifest(path, rows, name=name, version=version)
-
-
-def _csv_rows(path: Path) -> list[tuple[str, dict]]:
-    try:
-        with open(path, newline="", encoding="utf-8-sig") as stream:
-            reader = csv.DictReader(stream)
-            columns = [c.strip().lower() for c in reader.fieldnames or []]
-            if "image" not in columns:
-                raise DatasetError(
-                    f"{path} has no 'image' column (columns: {', '.join(columns) or 'none'}). "
-                    "Its first line must name the columns: image,label[,case,split]."
-                )
-            # Row 1 is the header line, so data rows start at 2 as in a spreadsheet.
-            rows = [
-                (f"row {number}", {k.strip().lower(): v for k, v in row.items() if k})
-                for number, row in enumerate(reader, start=2)
-                if any((v or "").strip() for v in row.values() if isinstance(v, str))
-            ]
-    except (OSError, UnicodeDecodeError, csv.Error) as exc:
-        raise DatasetError(f"{path} cannot be read as CSV: {exc}.") from exc
-    return rows
-
-
-def _manifest(
-    path: Path, rows: Sequence[tuple[str, dict]], *, name: str | None, version: str | None
-) -> _Layout:
-    """Pairs from manifest rows; relative paths are relative to the manifest's folder."""
-    root = path.parent
-    pairs: list[Pair] = []
-    origins: dict[Path, str] = {}
-    cases: dict[str, str] = {}
-    problems: list[str] = []
-    for where, row in rows:
-        image_text = _cell(row, "image")
-        label_text = _cell(row, "label")
-        split = (_cell(row, "split") or "train").lower()
-        if not image_text:
-            problems.append(f"{path} {where}: no image path.")
-            continue
-        image = _resolve(root, image_text)
-        label = _resolve(root, label_text) if label_text else None
-        case = _cell(row, "case") or _case_from_name(image.name)
-        if split not in SPLITS:
-            problems.append(f"{path} {where}: split {split!r} is not one of {', '.join(SPLITS)}.")
-        if label is None and split != "test":
-            problems.append(
-                f"Image {image} ({path} {where}) has no label; give a label path, or split "
-                "'test' for unlabelled images."
-            )
-        if case in cases:
-            problems.append(f"{path} {where}: case {case!r} is already used by {cases[case]}.")
-        cases[case] = where
-        for file in (image, label):
-            if file is None:
-                continue
-            if file in origins:
-                problems.append(f"{file} is listed twice ({origins[file]} and {where}).")
-            origins[file] = f"{path.name} {where}"
-        pairs.append(Pair(case=case, image=image, label=label, split=split))
-    _raise_all(problems)
-    if not pairs:
-        raise DatasetError(f"{path} lists no image/label pairs.")
-    return _Layout(
-        source=path,
-        root=root,
-        name=name or root.name,
-        version=version,
-        pairs=pairs,
-        origins=origins,
-    )
-
-
-# Examination: hash, gzip check and header, in parallel, through the cache -------------------------
-
-
-@dataclass(frozen=True)
-class _Facts:
-    size: int
-    mtime_ns: int
-    sha256: str
-    shape: tuple[int, ...]
 
 
 def _unique_paths(layout: _Layout) -> list[Path]:
@@ -652,156 +359,6 @@ def _workers(jobs: int) -> int:
     return max(1, min(jobs, 32, (os.cpu_count() or 1) + 4))
 
 
-# The hash cache -----------------------------------------------------------------------------------
-
-
-def _cache_path(cache: str | os.PathLike[str] | bool | None) -> Path | None:
-    if cache is False:
-        return None
-    if cache is None or cache is True:
-        return default_cache_path()
-    return Path(os.fspath(cache)).expanduser()
-
-
-class _HashCache:
-    """(path, size, mtime_ns) -> facts, in SQLite. Failures degrade to "not cached".
-
-    WAL mode lets readers and one writer in other processes work at once; writes are one short
-    transaction at the end of a build, with a busy timeout. A file that is not a database (or
-    is corrupt) is deleted and created anew; a cache that stays locked or cannot be created is
-    skipped for this build.
-    """
-
-    def __init__(self, connection: sqlite3.Connection | None, path: Path | None) -> None:
-        self._db = connection
-        self._path = path
-        self._broken = False
-
-    @classmethod
-    def open(cls, path: Path | None) -> _HashCache:
-        if path is None:
-            return cls(None, None)
-        try:
-            return cls(_connect(path), path)
-        except sqlite3.OperationalError:
-            return cls(None, None)  # locked, read-only or unreachable: go without this time
-        except sqlite3.DatabaseError:
-            pass  # not a database, or corrupt: start a new one below
-        except OSError:
-            return cls(None, None)  # the cache folder cannot be created
-        if not _remove_cache(path):
-            return cls(None, None)
-        try:
-            return cls(_connect(path), path)
-        except (sqlite3.Error, OSError):
-            return cls(None, None)
-
-    def lookup(self, wanted: Mapping[str, tuple[int, int]]) -> dict[str, _Facts]:
-        if self._db is None or not wanted:
-            return {}
-        keys = list(wanted)
-        out: dict[str, _Facts] = {}
-        try:
-            for start in range(0, len(keys), _LOOKUP_BATCH):
-                batch = keys[start : start + _LOOKUP_BATCH]
-                marks = ",".join("?" * len(batch))
-                rows = self._db.execute(
-                    "SELECT path, size, mtime_ns, sha256, shape FROM files "
-                    f"WHERE path IN ({marks})",
-                    batch,
-                )
-                for path, size, mtime_ns, sha256, shape in rows:
-                    if (size, mtime_ns) == wanted[path]:
-                        out[path] = _Facts(size, mtime_ns, sha256, _parse_shape(shape))
-        except sqlite3.OperationalError:
-            return {}
-        except (sqlite3.DatabaseError, ValueError, TypeError):
-            self._broken = True  # corrupt pages or rows: removed on close, rebuilt next time
-            return {}
-        return out
-
-    def store(self, facts: Mapping[str, _Facts]) -> None:
-        if self._db is None or not facts:
-            return
-        rows = [
-            (path, f.size, f.mtime_ns, f.sha256, ",".join(map(str, f.shape)))
-            for path, f in facts.items()
-        ]
-        try:
-            with _transaction(self._db):
-                self._db.executemany(
-                    "INSERT OR REPLACE INTO files (path, size, mtime_ns, sha256, shape) "
-                    "VALUES (?, ?, ?, ?, ?)",
-                    rows,
-                )
-        except sqlite3.OperationalError:
-            pass  # locked past the timeout, or read-only: a re-hash next time, nothing more
-        except sqlite3.DatabaseError:
-            self._broken = True
-
-    def close(self) -> None:
-        if self._db is not None:
-            with contextlib.suppress(sqlite3.Error):
-                self._db.close()
-        if self._broken and self._path is not None:
-            _remove_cache(self._path)
-
-
-def _connect(path: Path) -> sqlite3.Connection:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Autocommit mode; transactions are explicit and short (``_transaction``).
-    db = sqlite3.connect(path, timeout=10.0, isolation_level=None)
-    try:
-        # "file is not a database" surfaces on the first statement, here. Where WAL is not
-        # available (some network file systems) SQLite keeps its rollback journal.
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=NORMAL")
-        if db.execute("PRAGMA user_version").fetchone()[0] != _CACHE_SCHEMA:
-            with _transaction(db):
-                # Checked again under the write lock: another process may have just done it.
-                if db.execute("PRAGMA user_version").fetchone()[0] != _CACHE_SCHEMA:
-                    db.execute("DROP TABLE IF EXISTS files")
-                    db.execute(
-                        "CREATE TABLE files (path TEXT PRIMARY KEY, size INTEGER NOT NULL, "
-                        "mtime_ns INTEGER NOT NULL, sha256 TEXT NOT NULL, shape TEXT NOT NULL) "
-                        "WITHOUT ROWID"
-                    )
-                    db.execute(f"PRAGMA user_version={_CACHE_SCHEMA}")
-    except BaseException:
-        db.close()
-        raise
-    return db
-
-
-@contextlib.contextmanager
-def _transaction(db: sqlite3.Connection) -> Iterator[None]:
-    """A write transaction that takes the lock at once (waiting up to the busy timeout)."""
-    db.execute("BEGIN IMMEDIATE")
-    try:
-        yield
-    except BaseException:
-        db.execute("ROLLBACK")
-        raise
-    db.execute("COMMIT")
-
-
-def _remove_cache(path: Path) -> bool:
-    """Delete a broken cache and its WAL files; another process may have done it already."""
-    try:
-        for suffix in ("", "-wal", "-shm", "-journal"):
-            Path(f"{path}{suffix}").unlink(missing_ok=True)
-    except OSError:
-        return False
-    return True
-
-
-def _parse_shape(text: str) -> tuple[int, ...]:
-    return tuple(int(n) for n in text.split(","))
-
-
-# Checks and records -------------------------------------------------------------------------------
-
-
 def _check_shapes(pairs: Sequence[Pair], facts: Mapping[Path, _Facts]) -> None:
     """Images 3D or 4D (channels last), labels 3D, same spatial shape within a pair."""
     problems = []
@@ -855,74 +412,6 @@ def _record(entry: FileEntry) -> dict:
         "case": entry.case,
         "split": entry.split,
     }
-
-
-def _raise_all(problems: Sequence[str]) -> None:
-    """One error for all problems found, so a user fixes them in one go."""
-    if not problems:
-        return
-    if len(problems) == 1:
-        raise DatasetError(problems[0])
-    listed = "\n".join(f"  - {p}" for p in problems[:_MAX_LISTED])
-    more = len(problems) - _MAX_LISTED
-    tail = f"\n  ... and {more} more." if more > 0 else ""
-    raise DatasetError(f"{len(problems)} problems in the dataset:\n{listed}{tail}")
-
-
-# Small helpers ------------------------------------------------------------------------------------
-
-
-def _read_json(path: Path) -> object:
-    try:
-        with open(path, encoding="utf-8") as stream:
-            return json.load(stream)
-    except OSError as exc:
-        raise DatasetError(f"{path} cannot be read: {exc.strerror or exc}.") from exc
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise DatasetError(f"{path} is not valid JSON: {exc}. Fix the file.") from exc
-
-
-def _declared(meta: Mapping[str, object], key: str, where: Path) -> str | None:
-    value = meta.get(key)
-    if value is None:
-        return None
-    if isinstance(value, (dict, list, bool)) or not str(value).strip():
-        raise DatasetError(f"{where}: {key!r} must be a non-empty string, not {value!r}.")
-    return str(value).strip()
-
-
-def _cell(row: Mapping[str, object], key: str) -> str:
-    value = row.get(key)
-    return "" if value is None else str(value).strip()
-
-
-def _resolve(root: Path, text: str) -> Path:
-    return Path(os.path.abspath(root / Path(text).expanduser()))
-
-
-def _relative(path: Path, root: Path) -> str:
-    try:
-        return PurePath(os.path.relpath(path, root)).as_posix()
-    except ValueError:  # another drive on Windows: no relative path exists
-        return path.as_posix()
-
-
-def _suffix(name: str) -> str:
-    return ".nii.gz" if name.lower().endswith(".nii.gz") else ".nii"
-
-
-def _strip_suffix(name: str) -> str:
-    return name[: -len(_suffix(name))]
-
-
-def _case_from_name(name: str) -> str:
-    stem = _strip_suffix(name) if is_volume(name) else name
-    return stem[: -len("_image")] if stem.lower().endswith("_image") else stem
-
-
-def _pair_order(pair: Pair) -> tuple[int, str]:
-    rank = SPLITS.index(pair.split) if pair.split in SPLITS else len(SPLITS)
-    return rank, pair.case
 
 
 def _shape(shape: Sequence[int]) -> str:

@@ -37,6 +37,10 @@ or ``{"__tensor__": ...}`` for arrays.
 
 Rebuilding imports the recorded paths and calls those constructors: load descriptions only
 from runs you trust, as you would a pickled model.
+
+Kept whole: describing and rebuilding are the two halves of one format, verified against each
+other on every call (the encoder's recovery rules and the decoder's markers must agree line by
+line), so they read better side by side than in two modules that import each other.
 """
 
 from __future__ import annotations

@@ -19,7 +19,8 @@ import numpy as np
 from mlpipe.data.volumes import load_volume
 
 if TYPE_CHECKING:
-    from mlpipe.data.dataset import DatasetInfo, Pair
+    from mlpipe.data.dataset import DatasetInfo
+    from mlpipe.data.layouts import Pair
 
 FORMAT = "mlpipe.data_profile/1"
 PERCENTILES = (0.5, 50.0, 99.5)
@@ -97,7 +98,8 @@ def profile_pairs(
 def profile_dataset(
     info: DatasetInfo, *, max_volumes: int | None = None, progress: Progress | None = None
 ) -> dict:
-    """The profile of a dataset from ``mlpipe.dataset.build_manifest``, tagged with its digest."""
+    """The profile of a dataset from ``mlpipe.data.dataset.build_manifest``, tagged with its
+    digest."""
     root = Path(info.source)
     root = root if root.is_dir() else root.parent  # a CSV/JSON manifest: its folder
     profile = profile_pairs(info.pairs, root=root, max_volumes=max_volumes, progress=progress)

@@ -55,7 +55,7 @@ class VolumeHeader:
         ndim: number of data dimensions.
         data_end: bytes the uncompressed file must hold (header, extensions and voxels); a
             shorter file is truncated. For ``.nii`` this is checked here; for ``.nii.gz`` the
-            caller compares it with the decompressed length (``mlpipe.dataset`` does).
+            caller compares it with the decompressed length (``mlpipe.data.dataset`` does).
     """
 
     path: str

@@ -27,10 +27,10 @@ if TYPE_CHECKING:
 logger = logging.getLogger("mlpipe.serve")
 
 
-_MODELS_RE = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<ref>[^/]+))/?$")
+_MODELS_RE = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<ref>[^/]+))?/?$")
 
 
-_RUNS_RE = re.compile(r"^runs:/(?P<run>[0-9a-zA-Z]+)/(?P<path>.+)$")
+_RUNS_RE = re.compile(r"^runs:/(?P<run>[0-9a-zA-Z]+)(?:/(?P<path>.+))?$")
 
 
 @dataclass(frozen=True)
@@ -43,7 +43,8 @@ class ModelSource:
             while the server runs does not change what it serves), or the URI as given.
         name, version: the registered model and version (``None`` for an unregistered run).
         alias: the alias the URI named, if any; ``aliases``: every alias on the version.
-        run_id: the version's source run; ``tags``: its ``mlpipe.*`` tags.
+        run_id: the version's source run; ``tags``: its ``mlpipe.*`` tags;
+            ``experiment_id``: the run's experiment.
         training_profile: its ``mlpipe/data_profile.json``, or ``None`` if it logged none.
     """
 
@@ -56,6 +57,7 @@ class ModelSource:
     run_id: str | None
     tags: dict[str, str]
     training_profile: dict | None
+    experiment_id: str | None = None
 
     @property
     def label(self) -> str:
@@ -77,8 +79,9 @@ def resolve_model(tracking: Tracking, uri: str) -> ModelSource:
 
     Args:
         tracking: the connected tracking adapter.
-        uri: ``models:/NAME@ALIAS``, ``models:/NAME/VERSION``, ``models:/NAME/latest`` or
-            ``runs:/RUN_ID/PATH``.
+        uri: ``models:/NAME@ALIAS``, ``models:/NAME/VERSION``, ``models:/NAME/latest``,
+            ``runs:/RUN_ID/PATH`` or a LoggedModel's ``models:/m-ID`` (MLflow 3 registers
+            those: a version's ``source``).
 
     Returns:
         The resolved source; nothing is downloaded yet.
@@ -93,7 +96,15 @@ def resolve_model(tracking: Tracking, uri: str) -> ModelSource:
     models = _MODELS_RE.match(uri)
     runs = _RUNS_RE.match(uri)
     alias = None
-    if models:
+    if models and models.group("name").startswith("m-") and not any(models.group("alias", "ref")):
+        # MLflow 3's LoggedModel id: the model a version's `source` names
+        model_id = models.group("name")
+        with translate_errors(f"logged model {model_id}"):
+            run_id = client.get_logged_model(model_id).source_run_id
+        name, version = _registered_for_run(tracking, run_id, uri) if run_id else (None, None)
+        aliases = ()
+        load_uri = uri
+    elif models:
         name, alias, ref = models.group("name"), models.group("alias"), models.group("ref")
         with translate_errors(f"model {uri}"):
             registered = client.get_registered_model(name)
@@ -115,22 +126,21 @@ def resolve_model(tracking: Tracking, uri: str) -> ModelSource:
                     raise NotFoundError(f"model {uri}: {name!r} has no versions.")
                 mv = max(found, key=lambda v: int(v.version))
             else:
+                what = f"{ref!r} is neither a version number nor 'latest'" if ref else "no version"
                 raise UsageError(
-                    f"MODEL_URI {uri!r}: {ref!r} is neither a version number nor 'latest'. "
-                    f"Use models:/{name}@production (an alias) or models:/{name}/3 (a version); "
-                    "stages are deprecated."
+                    f"MODEL_URI {uri!r}: {what}. Use models:/{name}@production (an alias) or "
+                    f"models:/{name}/3 (a version); stages are deprecated."
                 )
         version = str(mv.version)
         aliases = tuple(sorted(a for a, v in registered.aliases.items() if str(v) == version))
-        run_id = mv.run_id or None
+        # a version registered from a LoggedModel alone may lack run_id: follow its source
+        run_id = mv.run_id or _logged_model_run(tracking, mv.source)
         load_uri = f"models:/{name}/{version}"
     elif runs:
         run_id = runs.group("run")
         with translate_errors(f"run {run_id}"):
             client.get_run(run_id)
-            found = client.search_model_versions(f"run_id = '{run_id}'")
-        name = str(found[0].name) if len(found) == 1 else None
-        version = str(found[0].version) if len(found) == 1 else None
+        name, version = _registered_for_run(tracking, run_id)
         aliases = ()
         load_uri = uri
     else:
@@ -141,10 +151,12 @@ def resolve_model(tracking: Tracking, uri: str) -> ModelSource:
         )
     tags: dict[str, str] = {}
     profile = None
+    experiment_id = None
     if run_id:
         with translate_errors(f"run {run_id}"):
             run = client.get_run(run_id)
         tags = {k: v for k, v in run.data.tags.items() if k.startswith("mlpipe.")}
+        experiment_id = run.info.experiment_id
         profile = _training_profile(tracking, run_id)
     return ModelSource(
         uri=uri,
@@ -156,7 +168,36 @@ def resolve_model(tracking: Tracking, uri: str) -> ModelSource:
         run_id=run_id,
         tags=tags,
         training_profile=profile,
+        experiment_id=experiment_id,
     )
+
+
+def _logged_model_run(tracking: Tracking, source: str | None) -> str | None:
+    """The run that logged the LoggedModel ``models:/m-...`` a version points at."""
+    from mlpipe.core.tracking import translate_errors
+
+    if not source or not source.startswith("models:/m-"):
+        return None
+    model_id = source[len("models:/") :].split("/", 1)[0]
+    with translate_errors(f"logged model {model_id}"):
+        return tracking.client.get_logged_model(model_id).source_run_id
+
+
+def _registered_for_run(
+    tracking: Tracking, run_id: str, source: str | None = None
+) -> tuple[str | None, str | None]:
+    """The registered version logged from ``run_id``: the one of ``source`` if given, else the
+    newest (a run may register more than one model, or one LoggedModel under two names)."""
+    from mlpipe.core.tracking import translate_errors
+
+    with translate_errors(f"model versions of run {run_id}"):
+        found = tracking.client.search_model_versions(f"run_id = '{run_id}'")
+    exact = [mv for mv in found if source and mv.source == source]
+    candidates = exact or found
+    if not candidates:
+        return None, None
+    newest = max(candidates, key=lambda mv: (int(mv.creation_timestamp or 0), int(mv.version)))
+    return str(newest.name), str(newest.version)
 
 
 def _training_profile(tracking: Tracking, run_id: str) -> dict | None:
@@ -220,7 +261,12 @@ def _storage_location(tracking: Tracking, source: ModelSource) -> str:
     runs = _RUNS_RE.match(source.load_uri)
     if not runs:
         return source.load_uri
-    run_id, path = runs.group("run"), runs.group("path").strip("/")
+    run_id, path = runs.group("run"), (runs.group("path") or "").strip("/")
+    if not path:
+        raise UsageError(
+            f"{source.uri} names a run but not its model: give runs:/{run_id}/PATH "
+            "(seg3d logs it as runs:/RUN_ID/model)."
+        )
     name, _, rest = path.partition("/")
     run = client.get_run(run_id)
     escaped = name.replace("'", "\\'")

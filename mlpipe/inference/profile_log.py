@@ -14,7 +14,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from mlpipe.data.dataset import default_cache_path
+from mlpipe.data.hash_cache import default_cache_path
 from mlpipe.inference.inputs import safe_name
 
 if TYPE_CHECKING:

@@ -19,6 +19,7 @@ from typing import IO, TYPE_CHECKING, Any
 
 from mlpipe.core.errors import DatasetError
 from mlpipe.data.profile import profile_volume
+from mlpipe.inference.geometry import GeometryLimits
 from mlpipe.inference.inputs import (
     DEFAULT_MAX_BYTES,
     InputRejected,
@@ -27,7 +28,6 @@ from mlpipe.inference.inputs import (
     size_text,
     sniff_nifti,
 )
-from mlpipe.inference.limits import GeometryLimits
 from mlpipe.inference.models import ModelSource
 from mlpipe.inference.profile_log import ProfileLog
 

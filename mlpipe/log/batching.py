@@ -50,6 +50,10 @@ for per-call ``mlflow.log_metric`` (measured on 300 calls and extrapolated: 130-
 MLflow's HTTP client retries each request itself (``MLFLOW_HTTP_REQUEST_MAX_RETRIES``, default
 7 with backoff: about 4 minutes against a dead server) before this module's retries start;
 :meth:`~MetricBatcher.flush` bounds how long the caller waits regardless.
+
+Kept whole: the batcher and the per-process registry that flushes every batcher at exit are
+one idea (a batcher registers itself when it opens and leaves when it closes); the limits it
+checks are in ``mlpipe.core.store_limits`` and the outbox it spills to in ``mlpipe.core.outbox``.
 """
 
 from __future__ import annotations
@@ -57,48 +61,50 @@ from __future__ import annotations
 import atexit
 import json
 import logging
-import operator
 import os
-import posixpath
-import re
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
 from mlpipe.core.errors import BatcherClosedError, MetricsNotSentError
+from mlpipe.core.outbox import write_outbox
 from mlpipe.core.settings import redact_uri
+from mlpipe.core.store_limits import (
+    MAX_METRICS_PER_BATCH,
+    MAX_PARAM_BATCH_CHARS,
+    MAX_PARAMS_PER_BATCH,
+    as_int,
+    check_name,
+    finite,
+    first_line,
+    is_retryable,
+    param_value,
+)
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
 
+
 logger = logging.getLogger("mlpipe")
 
-MAX_METRICS_PER_BATCH = 1000
-"""MLflow's limit on metrics in one ``log_batch`` (also its limit on entities of all kinds)."""
-MAX_PARAMS_PER_BATCH = 100
-"""MLflow's limit on params in one ``log_batch``."""
-MAX_PARAM_BATCH_CHARS = 800_000
-"""MLflow refuses ``log_batch`` requests over 1e6 bytes; 100 long params can exceed that."""
-MAX_KEY_LENGTH = 250
-MAX_PARAM_VALUE_LENGTH = 6000
+
 MAX_BACKOFF_S = 30.0
+
+
 EXIT_TIMEOUT_S = 30.0
 """How long process exit waits, over all batchers, for queued points to be sent.
 
 ``$MLPIPE_FLUSH_TIMEOUT`` overrides it; what is still unsent then goes to the outbox."""
+
+
 FLUSH_TIMEOUT_ENV = "MLPIPE_FLUSH_TIMEOUT"
+
+
 PARENT_RUN_ENV = "MLPIPE_PARENT_RUN"
 """Set by ``mlpipe run`` to the run id it owns: that parent marks the run's end itself."""
-OUTBOX = "outbox"
-FAILURE_TAG = "mlpipe.failure"
-
-# MLflow's rule for metric and param names on POSIX (mlflow.utils.validation): checked here, at
-# the call, so that a bad name fails in the caller's line rather than in a lost batch.
-_NAME = re.compile(r"^[/\w.\- :]*$")
 
 
 class MetricBatcher:
@@ -182,19 +188,19 @@ class MetricBatcher:
         """
         if self._closed:
             self._refuse()
-        step = 0 if step is None else _as_int(step, "step")
+        step = 0 if step is None else as_int(step, "step")
         stamp = (
             int(time.time() * 1000)
             if timestamp_ms is None
-            else _as_int(timestamp_ms, "timestamp_ms")
+            else as_int(timestamp_ms, "timestamp_ms")
         )
         valid = self._valid_keys
         points = []
         for key, value in metrics.items():
             if key not in valid:
-                _check_name(key, "metric")
+                check_name(key, "metric")
                 valid.add(key)
-            points.append((key, _finite(key, value), stamp, step))
+            points.append((key, finite(key, value), stamp, step))
         if not points:
             return
         with self._cond:
@@ -219,8 +225,8 @@ class MetricBatcher:
             self._refuse()
         values: dict[str, str] = {}
         for key, raw in params.items():
-            _check_name(key, "param")
-            values[key] = _param_value(raw)
+            check_name(key, "param")
+            values[key] = param_value(raw)
         if not values:
             return
         with self._cond:
@@ -426,7 +432,7 @@ class MetricBatcher:
         error = self._attempt(
             lambda: self.client.log_batch(self.run_id, params=entities, synchronous=True)
         )
-        if error is not None and len(entities) > 1 and not _retryable(error):
+        if error is not None and len(entities) > 1 and not is_retryable(error):
             # One refused param (say, a value that differs from the one `mlpipe run` logged)
             # fails the whole request: send them one by one so only that one is lost.
             for entity in entities:
@@ -447,14 +453,14 @@ class MetricBatcher:
                 send()
                 return None
             except Exception as exc:  # the store raises MlflowException, requests, OSError
-                if attempt >= self.max_retries or not _retryable(exc):
+                if attempt >= self.max_retries or not is_retryable(exc):
                     return exc
                 delay = min(self.retry_backoff * 2**attempt, MAX_BACKOFF_S)
                 attempt += 1
                 logger.debug(
                     "Sending to run %s failed (%s); retry %d of %d in %.1f s",
                     self.run_id,
-                    _first_line(exc),
+                    first_line(exc),
                     attempt,
                     self.max_retries,
                     delay,
@@ -469,7 +475,7 @@ class MetricBatcher:
                 "metric points" if kind == "metrics" else "params",
                 self.run_id,
                 self._uri or "the tracking store",
-                _first_line(error),
+                first_line(error),
             )
         with self._cond:
             if kind == "metrics":
@@ -482,7 +488,7 @@ class MetricBatcher:
             else:
                 self._failed += count
                 self._unreported += count
-                self._last_error = _first_line(error)
+                self._last_error = first_line(error)
             self._cond.notify_all()
 
     # helpers ---------------------------------------------------------------------------------
@@ -516,8 +522,14 @@ class MetricBatcher:
 
 # one batcher per (tracking URI, run) per process; all flushed at exit --------------------------
 _registry: dict[tuple[str, str], MetricBatcher] = {}
+
+
 _open: set[MetricBatcher] = set()
+
+
 _lock = threading.RLock()  # get_batcher holds it while a new batcher registers itself
+
+
 _exit_hook_registered = False
 
 
@@ -711,157 +723,6 @@ def _spill_unsent(
     )
 
 
-# The outbox: points and run ends that could not reach the server, one JSON-lines file each ----
-
-
-@dataclass(frozen=True)
-class Replayed:
-    """What :func:`replay_outbox` sent for one run."""
-
-    run_id: str
-    metrics: int
-    params: int
-    status: str | None
-    """The status the run was marked with, when an end was recorded."""
-    gone: bool = False
-    """The run no longer exists on the server; its records were dropped."""
-
-
-def outbox_dir(env: Mapping[str, str] | None = None) -> Path:
-    """``$MLPIPE_CACHE_DIR/outbox``, else ``$XDG_CACHE_HOME/mlpipe/outbox`` (``~/.cache``)."""
-    env = os.environ if env is None else env
-    if env.get("MLPIPE_CACHE_DIR"):
-        base = Path(env["MLPIPE_CACHE_DIR"]).expanduser()
-    else:
-        base = Path(env.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mlpipe"
-    return base / OUTBOX
-
-
-def _uri_key(uri: str) -> str:
-    # A digest, not the URI: a URI may hold a password, and it must not end up in a path.
-    import hashlib
-
-    return hashlib.sha256(uri.rstrip("/").encode("utf-8")).hexdigest()[:16]
-
-
-def write_outbox(uri: str, run_id: str, records: list[dict]) -> Path:
-    """Write records (``metric``, ``param``, ``end``) for ``run_id`` on ``uri``; the file's path.
-
-    One new file per call (a process never appends to another's file), named so that a
-    run's files sort in the order they were written.
-    """
-    folder = outbox_dir() / _uri_key(uri)
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{run_id}.{time.time_ns()}.{os.getpid()}.jsonl"
-    header = {"type": "header", "run_id": run_id, "uri": redact_uri(uri), "pid": os.getpid()}
-    tmp = path.with_suffix(".tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        for record in [header, *records]:
-            fh.write(json.dumps(record) + "\n")
-    os.replace(tmp, path)  # a reader never sees half a file
-    return path
-
-
-def outbox_files(uri: str, run_id: str | None = None) -> list[Path]:
-    """The outbox files waiting for ``uri`` (and ``run_id``), oldest first."""
-    folder = outbox_dir() / _uri_key(uri)
-    if not folder.is_dir():
-        return []
-    files = sorted(folder.glob(f"{run_id or '*'}.*.jsonl"), key=lambda p: p.name.split(".")[1])
-    return files
-
-
-def replay_outbox(client: MlflowClient, run_id: str | None = None) -> list[Replayed]:
-    """Send what the outbox holds for ``client``'s server (and ``run_id``), then delete it.
-
-    Points first, then the recorded end: the run is marked with its status (``FAILED``)
-    and tagged ``mlpipe.failure`` with the reason. The records of a run that was deleted
-    or does not exist there are dropped.
-
-    Raises:
-        Exception: the client's error when the server refuses or does not answer; the files
-            are kept for the next try.
-    """
-    from mlflow.entities import Metric, Param
-
-    uri = str(client.tracking_uri)
-    by_run: dict[str, list[Path]] = {}
-    for path in outbox_files(uri, run_id):
-        by_run.setdefault(path.name.split(".")[0], []).append(path)
-    done = []
-    for rid, paths in by_run.items():
-        records = [r for path in paths for r in _read_records(path)]
-        metrics = [
-            Metric(r["key"], float(r["value"]), int(r["timestamp"]), int(r["step"]))
-            for r in records
-            if r.get("type") == "metric"
-        ]
-        params = [Param(r["key"], str(r["value"])) for r in records if r.get("type") == "param"]
-        ends = [r for r in records if r.get("type") == "end"]
-        if _run_gone(client, rid):
-            done.append(Replayed(rid, 0, 0, None, gone=True))
-        else:
-            for i in range(0, len(metrics), MAX_METRICS_PER_BATCH):
-                chunk = metrics[i : i + MAX_METRICS_PER_BATCH]
-                client.log_batch(rid, metrics=chunk, synchronous=True)
-            for i in range(0, len(params), MAX_PARAMS_PER_BATCH):
-                _send_params_leniently(client, rid, params[i : i + MAX_PARAMS_PER_BATCH])
-            status = None
-            if ends:
-                end = ends[-1]
-                status = str(end.get("status") or "FAILED")
-                if end.get("reason"):
-                    client.set_tag(rid, FAILURE_TAG, str(end["reason"])[:5000])
-                client.set_terminated(rid, status)
-            done.append(Replayed(rid, len(metrics), len(params), status))
-        for path in paths:
-            path.unlink(missing_ok=True)
-    return done
-
-
-def _run_gone(client: MlflowClient, run_id: str) -> bool:
-    """Whether the run was deleted or never existed there: its records can only be dropped."""
-    try:
-        return client.get_run(run_id).info.lifecycle_stage == "deleted"
-    except Exception as exc:
-        if getattr(exc, "error_code", "") == "RESOURCE_DOES_NOT_EXIST":
-            return True
-        raise
-
-
-def _send_params_leniently(client: MlflowClient, run_id: str, params: list) -> None:
-    # A param the server already holds with another value is refused (4xx) and would fail
-    # the batch: send one by one then, so only that one is dropped.
-    try:
-        client.log_batch(run_id, params=params, synchronous=True)
-    except Exception as exc:
-        if _retryable(exc):
-            raise
-        for param in params:
-            try:
-                client.log_batch(run_id, params=[param], synchronous=True)
-            except Exception as single:
-                if _retryable(single):
-                    raise
-                logger.warning(
-                    "Outbox: param %s of run %s refused: %s", param.key, run_id, _first_line(single)
-                )
-
-
-def _read_records(path: Path) -> list[dict]:
-    records = []
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:  # another process replayed it meanwhile
-        return []
-    for line in text.splitlines():
-        try:
-            records.append(json.loads(line))
-        except ValueError:
-            logger.warning("Outbox: skipping a damaged line in %s", path)
-    return records
-
-
 def _forget_after_fork() -> None:
     # A forked child (a DataLoader worker) has no sending threads: its copies of the parent's
     # queues belong to the parent, which sends them. The child starts with no batchers.
@@ -873,66 +734,3 @@ def _forget_after_fork() -> None:
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_forget_after_fork)
-
-
-# validation -------------------------------------------------------------------------------------
-def _check_name(key: object, kind: str) -> None:
-    if not isinstance(key, str):
-        raise ValueError(f"{kind} name {key!r}: must be a string, not {type(key).__name__}")
-    if not key or len(key) > MAX_KEY_LENGTH:
-        raise ValueError(f"{kind} name {key!r}: must have 1 to {MAX_KEY_LENGTH} characters")
-    norm = posixpath.normpath(key)
-    if not _NAME.match(key) or norm != key or norm == "." or norm.startswith(("..", "/")):
-        raise ValueError(
-            f"{kind} name {key!r}: MLflow accepts only letters, digits, _ - . : space and / "
-            "in names, as a relative path with no '.' or '..' parts"
-        )
-
-
-def _finite(key: str, value: object) -> float:
-    if type(value) is float:
-        number = value
-    elif isinstance(value, (str, bytes)):
-        raise ValueError(f"metric {key!r}: {value!r} is a string, not a number")
-    else:
-        try:
-            number = float(value)  # type: ignore[arg-type]
-        except (TypeError, ValueError, RuntimeError, OverflowError):
-            raise ValueError(
-                f"metric {key!r}: {value!r} ({type(value).__name__}) is not a number"
-            ) from None
-    # NaN and infinity are kept, as mlflow.log_metric keeps them: a loss that diverged is a
-    # result worth seeing in the UI, and raising here would kill the training loop instead.
-    return number
-
-
-def _as_int(value: object, what: str) -> int:
-    try:
-        return operator.index(value)  # type: ignore[arg-type]
-    except TypeError:
-        raise ValueError(f"{what}: {value!r} is not an integer") from None
-
-
-def _param_value(value: object) -> str:
-    text = str(value)
-    if len(text) <= MAX_PARAM_VALUE_LENGTH:
-        return text
-    return text[: MAX_PARAM_VALUE_LENGTH - 15] + "...[truncated]"
-
-
-def _retryable(exc: Exception) -> bool:
-    """A refusal (HTTP 4xx: bad value, unknown run) will not change by retrying; rate limits do."""
-    status = getattr(exc, "get_http_status_code", None)
-    if callable(status):
-        try:
-            code = int(status())
-        except (TypeError, ValueError):
-            return True
-        return code == 429 or not 400 <= code < 500
-    return True
-
-
-def _first_line(exc: BaseException, limit: int = 300) -> str:
-    text = str(getattr(exc, "message", None) or exc).strip()
-    text = text.splitlines()[0] if text else type(exc).__name__
-    return text if len(text) <= limit else text[: limit - 3] + "..."

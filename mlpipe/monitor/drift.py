@@ -2,7 +2,7 @@
 
 ``mlpipe drift MODEL_URI DIR`` finds the model version's source run, reads the data profile
 that ``mlpipe.log.data_profile`` logged there (``mlpipe/data_profile.json``: one entry per
-profiled volume), profiles the new volumes with the same ``mlpipe.profile.profile_volume``, and
+profiled volume), profiles the new volumes with the same ``mlpipe.data.profile.profile_volume``, and
 compares the two samples feature by feature:
 
 * numeric features (spacing and shape per axis; intensity p0_5, p50, p99_5, mean, std): the
@@ -30,144 +30,52 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import re
-import statistics
-import tempfile
-from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from mlpipe.core.errors import DatasetError, DriftFoundError, NotFoundError, UsageError
+from mlpipe.core.errors import DriftFoundError, NotFoundError, UsageError
 from mlpipe.core.tracking import Tracking, translate_errors
+from mlpipe.inference.models import ModelSource, resolve_model
+from mlpipe.monitor.features import (
+    CHECK,
+    DRIFT,
+    FeatureResult,
+    Thresholds,
+    _power_notes,
+    _side_text,
+    _spread,
+    _statistic_text,
+    _usable,
+    compare_profiles,
+)
+from mlpipe.monitor.new_volumes import (
+    _default_serving,
+    _parse_time,
+    find_images,
+    profile_images,
+    read_serving_profiles,
+)
 
 if TYPE_CHECKING:
-    from mlflow import MlflowClient
+    pass
+
 
 REPORT_FORMAT = "mlpipe.drift_report/1"
+
+
 PROFILE_ARTIFACT = "mlpipe/data_profile.json"  # as mlpipe.log writes it
+
+
 ARTIFACT_DIR = "drift"
-SERVING_FILE = "profiles.jsonl"
+
+
 MONITORING_SUFFIX = "-monitoring"
 
+
 Progress = Callable[[int, int], None]
-
-
-@dataclass(frozen=True)
-class Feature:
-    """A numeric feature of a volume profile and how its median shift is scaled."""
-
-    name: str
-    unit: str
-    get: Callable[[dict], float]
-    scale: str  # "median": |training median|; "range": training intensity range
-
-
-def _axis(key: str, axis: int) -> Callable[[dict], float]:
-    return lambda v: float(v[key][axis])
-
-
-def _intensity(key: str) -> Callable[[dict], float]:
-    return lambda v: float(v["intensity"][key])
-
-
-NUMERIC_FEATURES: tuple[Feature, ...] = (
-    *(Feature(f"spacing_{a}", "mm", _axis("spacing", i), "median") for i, a in enumerate("xyz")),
-    *(Feature(f"shape_{a}", "voxels", _axis("shape", i), "median") for i, a in enumerate("xyz")),
-    *(Feature(f"intensity_{k}", "", _intensity(k), "range") for k in ("p0_5", "p50", "p99_5")),
-    Feature("intensity_mean", "", _intensity("mean"), "range"),
-    Feature("intensity_std", "", _intensity("std"), "median"),
-)
-ORIENTATION = "orientation"
-FEATURE_ORDER = (
-    [f.name for f in NUMERIC_FEATURES[:6]] + [ORIENTATION] + [f.name for f in NUMERIC_FEATURES[6:]]
-)
-
-DRIFT, CHECK, OK = "drift", "check", "ok"
-
-
-@dataclass(frozen=True)
-class Thresholds:
-    """When a feature has drifted; see the module docstring for the rules.
-
-    Attributes:
-        ks_pvalue: KS p-value below which two samples count as different.
-        shift: relative median shift above which the difference counts as large.
-        unseen_share: share of new volumes with an orientation unseen in training above
-            which orientation has drifted.
-    """
-
-    ks_pvalue: float = 0.01
-    shift: float = 0.1
-    unseen_share: float = 0.1
-
-    def __post_init__(self) -> None:
-        problems = []
-        if not 0.0 < self.ks_pvalue <= 1.0:
-            problems.append(f"--ks-pvalue must be in (0, 1], not {self.ks_pvalue:g}.")
-        if not (self.shift >= 0.0 and math.isfinite(self.shift)):
-            problems.append(f"--shift must be a share >= 0 (0.1 = 10%), not {self.shift:g}.")
-        if not 0.0 <= self.unseen_share <= 1.0:
-            problems.append(f"--unseen-share must be in [0, 1], not {self.unseen_share:g}.")
-        if problems:
-            raise UsageError(" ".join(problems))
-
-
-@dataclass(frozen=True)
-class ModelRef:
-    """The model being checked and the run whose training profile is the reference."""
-
-    uri: str
-    name: str | None
-    version: str | None
-    run_id: str
-    experiment_id: str
-
-
-@dataclass
-class FeatureResult:
-    """One feature's two samples, test statistics and verdict."""
-
-    feature: str
-    kind: str  # numeric | categorical
-    test: str
-    training: list
-    new: list
-    verdict: str
-    reason: str
-    statistics: dict[str, float | None] = field(default_factory=dict)
-    unit: str = ""
-
-    def describe(self, values: list) -> dict:
-        """Summary of one side: quantiles for numbers, shares for categories."""
-        if self.kind == "categorical":
-            counts = Counter(values)
-            return {"n": len(values), "counts": dict(counts.most_common())}
-        ordered = sorted(values)
-        return {
-            "n": len(values),
-            "median": statistics.median(ordered),
-            "p25": _quantile(ordered, 0.25),
-            "p75": _quantile(ordered, 0.75),
-            "min": ordered[0],
-            "max": ordered[-1],
-        }
-
-    def to_json(self) -> dict:
-        return {
-            "feature": self.feature,
-            "kind": self.kind,
-            "unit": self.unit,
-            "test": self.test,
-            "training": self.describe(self.training),
-            "new": self.describe(self.new),
-            "statistics": self.statistics,
-            "verdict": self.verdict,
-            "reason": self.reason,
-        }
 
 
 @dataclass(frozen=True)
@@ -203,7 +111,7 @@ class DriftRequest:
 class DriftReport:
     """The outcome of a drift check: per-feature results and where the report went."""
 
-    model: ModelRef
+    model: ModelSource
     source: str
     source_kind: str  # folder | serving
     training_dataset: dict
@@ -273,9 +181,6 @@ class DriftReport:
         }
 
 
-# --- the whole check ------------------------------------------------------------------------
-
-
 def check_drift(
     tracking: Tracking, request: DriftRequest, *, progress: Progress | None = None
 ) -> DriftReport:
@@ -293,7 +198,7 @@ def check_drift(
     """
     _check_request(request)
     model = resolve_model(tracking, request.model_uri)
-    training = load_training_profile(tracking, model)
+    training = load_training_profile(model)
     notes: list[str] = []
     if request.from_serving or request.serving_file:
         path = Path(request.serving_file) if request.serving_file else _default_serving(model)
@@ -360,375 +265,35 @@ def _check_request(request: DriftRequest) -> None:
         raise UsageError(f"--max-volumes must be at least 1, not {request.max_volumes}.")
 
 
-# --- the model and its training profile -----------------------------------------------------
-
-_MODELS_RE = re.compile(r"^models:/(?P<name>[^/@]+?)(?:@(?P<alias>[^/]+)|/(?P<version>[^/]+))?/?$")
-_RUNS_RE = re.compile(r"^runs:/(?P<run>[^/]+)(?:/.*)?$")
-_URI_FORMS = "models:/NAME@ALIAS, models:/NAME/VERSION or runs:/RUN_ID/PATH"
-
-
-def resolve_model(tracking: Tracking, uri: str) -> ModelRef:
-    """The model version behind MODEL_URI and its source run (where the profile is).
-
-    MLflow 3 registers a LoggedModel: the version's ``source`` is ``models:/m-...`` and its
-    ``run_id`` is the run that logged it. A version without ``run_id`` is followed through its
-    LoggedModel's ``source_run_id``.
-
-    Raises:
-        UsageError: a URI that is none of the accepted forms.
-        NotFoundError: the model, alias, version or run does not exist, or has no source run.
-    """
-    client = tracking.client
-    models = _MODELS_RE.match(uri)
-    runs = _RUNS_RE.match(uri)
-    name = version = None
-    if models and models["name"].startswith("m-") and not (models["alias"] or models["version"]):
-        with translate_errors(f"logged model {models['name']}"):
-            run_id = client.get_logged_model(models["name"]).source_run_id
-        name, version = _registered_for_run(client, run_id, uri) if run_id else (None, None)
-    elif models and (models["alias"] or models["version"]):
-        name = models["name"]
-        with translate_errors(f"model {uri}"):
-            if models["alias"]:
-                mv = client.get_model_version_by_alias(name, models["alias"])
-            elif models["version"].isdigit():
-                mv = client.get_model_version(name, models["version"])
-            else:
-                raise UsageError(
-                    f"MODEL_URI {uri!r}: {models['version']!r} is not a version number "
-                    f"(stages are deprecated; use an alias). Expected {_URI_FORMS}."
-                )
-        version = str(mv.version)
-        run_id = mv.run_id or _logged_model_run(client, mv.source)
-    elif runs:
-        run_id = runs["run"]
-        name, version = _registered_for_run(client, run_id)
-    else:
-        raise UsageError(f"MODEL_URI {uri!r} is not a model URI; expected {_URI_FORMS}.")
-    if not run_id:
-        raise NotFoundError(
-            f"{uri} has no source run, so its training profile cannot be found. Register "
-            "versions from a run (log_model(..., registered_model_name=...) inside the run)."
-        )
-    with translate_errors(f"run {run_id} (source of {uri})"):
-        run = client.get_run(run_id)
-    return ModelRef(uri, name, version, run_id, run.info.experiment_id)
-
-
-def _logged_model_run(client: MlflowClient, source: str | None) -> str | None:
-    if not source or not source.startswith("models:/m-"):
-        return None
-    model_id = source[len("models:/") :].split("/", 1)[0]
-    with translate_errors(f"logged model {model_id}"):
-        return client.get_logged_model(model_id).source_run_id
-
-
-def _registered_for_run(
-    client: MlflowClient, run_id: str, source: str | None = None
-) -> tuple[str | None, str | None]:
-    """The registered version logged from ``run_id``: the one of ``source`` if given, else the
-    newest (a run may register more than one model)."""
-    with translate_errors(f"model versions of run {run_id}"):
-        found = client.search_model_versions(f"run_id = '{run_id}'")
-    exact = [mv for mv in found if source and mv.source == source]
-    candidates = exact or found
-    if not candidates:
-        return None, None
-    newest = max(candidates, key=lambda mv: (int(mv.creation_timestamp or 0), int(mv.version)))
-    return newest.name, str(newest.version)
-
-
-def load_training_profile(tracking: Tracking, model: ModelRef) -> dict:
-    """Download ``mlpipe/data_profile.json`` from the model's source run.
+def load_training_profile(model: ModelSource) -> dict:
+    """The training profile the inference core read from the model's source run, checked.
 
     The profile keeps one entry per profiled volume (all of them, or ``max_volumes`` spread
     evenly; seg3d's train profiles up to 50), which is what the KS test needs.
 
     Raises:
-        NotFoundError: the run has no profile, or a profile without volumes.
+        NotFoundError: the model has no source run, the run has no readable profile, or a
+            profile without volumes.
     """
-    with tempfile.TemporaryDirectory(prefix="mlpipe-drift-") as tmp:
-        try:
-            with translate_errors(f"run {model.run_id}"):
-                local = tracking.client.download_artifacts(model.run_id, PROFILE_ARTIFACT, tmp)
-            profile = json.loads(Path(local).read_text(encoding="utf-8"))
-        except (NotFoundError, OSError, UsageError, ValueError) as exc:
-            raise NotFoundError(
-                f"Run {model.run_id} (source of {model.uri}) has no readable {PROFILE_ARTIFACT} "
-                f"({exc}). Call mlpipe.log.data_profile(...) in the training code so drift can "
-                "be checked against it."
-            ) from exc
+    if not model.run_id:
+        raise NotFoundError(
+            f"{model.uri} has no source run, so its training profile cannot be found. Register "
+            "versions from a run (log_model(..., registered_model_name=...) inside the run)."
+        )
+    profile = model.training_profile
+    if profile is None:
+        raise NotFoundError(
+            f"Run {model.run_id} (source of {model.uri}) has no readable {PROFILE_ARTIFACT}. "
+            "Call mlpipe.log.data_profile(...) in the training code so drift can be checked "
+            "against it."
+        )
     volumes = [v for v in profile.get("volumes", []) if _usable(v)]
     if not volumes:
         raise NotFoundError(
             f"The training profile of run {model.run_id} holds no volume entries; nothing to "
             "compare with. Profile the training data with mlpipe.log.data_profile(data)."
         )
-    profile["volumes"] = volumes
-    return profile
-
-
-# --- the new side ---------------------------------------------------------------------------
-
-
-def find_images(folder: str | os.PathLike[str]) -> list[Path]:
-    """NIfTI images under ``folder``: labels (``*_label.nii*``, ``labels*/``) are skipped.
-
-    New data is often images only; when it is a Decathlon or ``<case>_image`` dataset, its
-    labels are not part of what the model sees, so they are left out.
-
-    Raises:
-        UsageError: the folder does not exist or holds no volumes.
-    """
-    from mlpipe.data.volumes import is_volume
-
-    root = Path(folder)
-    if root.is_file() and is_volume(root):
-        return [root]
-    if not root.is_dir():
-        raise UsageError(
-            f"DIR {folder} is not a folder. Give the folder that holds the new .nii/.nii.gz "
-            "volumes."
-        )
-    images = []
-    for here, dirs, files in os.walk(root):
-        dirs[:] = sorted(
-            d for d in dirs if not d.startswith(".") and not d.lower().startswith("labels")
-        )
-        for name in sorted(files):
-            if name.startswith(".") or not is_volume(name):
-                continue
-            if re.search(r"_label\.nii(\.gz)?$", name, re.IGNORECASE):
-                continue
-            images.append(Path(here) / name)
-    if not images:
-        raise UsageError(f"No NIfTI volumes (.nii, .nii.gz) found in {folder}.")
-    return images
-
-
-def profile_images(
-    paths: Sequence[Path], *, progress: Progress | None = None
-) -> tuple[list[dict], list[str]]:
-    """``profile_volume`` of each image (as for training); unreadable ones are listed apart.
-
-    Raises:
-        DatasetError: none of them can be read (the first error is named).
-    """
-    from mlpipe.data.profile import profile_volume
-
-    profiles, failed = [], []
-    for done, path in enumerate(paths, start=1):
-        try:
-            profiles.append(profile_volume(path))
-        except DatasetError as exc:
-            failed.append(str(exc))
-        if progress is not None:
-            progress(done, len(paths))
-    if not profiles:
-        raise DatasetError(f"None of the {len(paths)} volume(s) could be read: {failed[0]}")
-    return profiles, failed
-
-
-def serving_profiles_path(model_name: str, env: Mapping[str, str] | None = None) -> Path:
-    """Where ``mlpipe serve`` keeps a model's input profiles.
-
-    ``<cache>/serving/<model>/profiles.jsonl``, with ``<cache>`` the folder of mlpipe's hash
-    cache: ``$MLPIPE_CACHE_DIR``, else ``$XDG_CACHE_HOME/mlpipe``, else ``~/.cache/mlpipe``.
-    """
-    from mlpipe.data.dataset import default_cache_path
-
-    return default_cache_path(env).parent / "serving" / model_name / SERVING_FILE
-
-
-def read_serving_profiles(
-    path: str | os.PathLike[str], *, since: str | None = None
-) -> tuple[list[dict], int]:
-    """The input profiles in a serving JSON-lines file, and how many lines were unusable.
-
-    A line cut short (the server stopped mid-write) or not a profile is skipped and counted,
-    not an error: the rest of the file is still good evidence.
-
-    Args:
-        path: the ``profiles.jsonl`` file.
-        since: keep only entries whose ``received`` is at or after this ISO time.
-
-    Raises:
-        UsageError: the file does not exist, or ``since`` is not an ISO time.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise UsageError(
-            f"No serving profiles at {path}: `mlpipe serve` writes them there as it answers "
-            "requests. Give --serving-file PATH if they are elsewhere."
-        )
-    cutoff = _parse_time(since, "--since") if since else None
-    profiles, skipped = [], 0
-    with path.open(encoding="utf-8", errors="replace") as lines:
-        for line in lines:
-            if not line.strip():
-                continue
-            try:
-                entry = json.loads(line)
-            except ValueError:
-                skipped += 1
-                continue
-            if not isinstance(entry, dict) or not _usable(entry):
-                skipped += 1
-                continue
-            if cutoff is not None:
-                try:
-                    received = _parse_time(str(entry.get("received", "")), "received")
-                except UsageError:
-                    skipped += 1
-                    continue
-                if received < cutoff:
-                    continue
-            profiles.append(entry)
-    return profiles, skipped
-
-
-def _default_serving(model: ModelRef) -> Path:
-    if not model.name:
-        raise UsageError(
-            f"{model.uri} is not a registered model, so its serving profiles cannot be found "
-            "by name. Give --serving-file PATH."
-        )
-    return serving_profiles_path(model.name)
-
-
-# --- the comparison -------------------------------------------------------------------------
-
-
-def compare_profiles(
-    training: Sequence[dict], new: Sequence[dict], thresholds: Thresholds | None = None
-) -> list[FeatureResult]:
-    """Test every feature of the new volume profiles against the training ones.
-
-    Args:
-        training: ``profile_volume`` dicts of the training volumes.
-        new: ``profile_volume`` dicts of the new volumes.
-        thresholds: the verdict rules' thresholds.
-
-    Returns:
-        One result per feature, in ``FEATURE_ORDER``.
-
-    Raises:
-        UsageError: either side is empty.
-    """
-    if not training or not new:
-        raise UsageError("Drift needs at least one training and one new volume profile.")
-    thresholds = thresholds or Thresholds()
-    # Intensity location features are scaled by the training intensity range, as they may
-    # sit near 0 (HU of soft tissue) where a relative shift would explode.
-    spans = [v["intensity"]["p99_5"] - v["intensity"]["p0_5"] for v in training]
-    intensity_range = statistics.median(spans)
-    results = {}
-    for feature in NUMERIC_FEATURES:
-        results[feature.name] = _numeric(
-            feature,
-            [feature.get(v) for v in training],
-            [feature.get(v) for v in new],
-            intensity_range,
-            thresholds,
-        )
-    results[ORIENTATION] = _orientation(
-        [str(v["orientation"]) for v in training], [str(v["orientation"]) for v in new], thresholds
-    )
-    return [results[name] for name in FEATURE_ORDER]
-
-
-def _numeric(
-    feature: Feature,
-    training: list[float],
-    new: list[float],
-    intensity_range: float,
-    thresholds: Thresholds,
-) -> FeatureResult:
-    from scipy.stats import ks_2samp
-
-    med_t, med_n = statistics.median(training), statistics.median(new)
-    scale = abs(med_t) if feature.scale == "median" else abs(intensity_range)
-    if scale > 0:
-        shift = (med_n - med_t) / scale
-    else:
-        shift = 0.0 if med_n == med_t else math.copysign(math.inf, med_n - med_t)
-    ks = ks_2samp(training, new)
-    d, p = float(ks.statistic), float(ks.pvalue)
-    significant = p < thresholds.ks_pvalue
-    large = abs(shift) > thresholds.shift
-    outside = med_n < min(training) or med_n > max(training)
-    moved = f"median moved {_percent(shift)} (> {_percent(thresholds.shift, signed=False)})"
-    if large and significant:
-        verdict, reason = DRIFT, f"{moved} and KS p={p:.2g} < {thresholds.ks_pvalue:g}"
-    elif large and outside:
-        verdict, reason = DRIFT, f"{moved} and the new median is outside the training range"
-    elif large:
-        verdict, reason = CHECK, f"{moved}, but KS p={p:.2g}: too few volumes to be sure"
-    elif significant:
-        verdict = CHECK
-        reason = f"distributions differ (KS p={p:.2g}) but the median moved only {_percent(shift)}"
-    else:
-        verdict, reason = OK, f"median moved {_percent(shift)}, KS p={p:.2g}"
-    return FeatureResult(
-        feature=feature.name,
-        kind="numeric",
-        test="two-sample Kolmogorov-Smirnov + relative median shift",
-        training=training,
-        new=new,
-        verdict=verdict,
-        reason=reason,
-        statistics={
-            "ks_statistic": d,
-            "ks_pvalue": p,
-            "shift": shift if math.isfinite(shift) else None,
-            "scale": scale,
-        },
-        unit=feature.unit,
-    )
-
-
-def _orientation(training: list[str], new: list[str], thresholds: Thresholds) -> FeatureResult:
-    seen = set(training)
-    unseen = [o for o in new if o not in seen]
-    share = len(unseen) / len(new)
-    names = ", ".join(sorted(set(unseen)))
-    if share > thresholds.unseen_share:
-        verdict = DRIFT
-        reason = (
-            f"{_percent(share, signed=False)} of new volumes have an orientation unseen in "
-            f"training ({names}) (> {_percent(thresholds.unseen_share, signed=False)})"
-        )
-    elif unseen:
-        verdict = CHECK
-        reason = f"{len(unseen)} new volume(s) with an orientation unseen in training ({names})"
-    else:
-        verdict, reason = OK, "every new orientation was seen in training"
-    return FeatureResult(
-        feature=ORIENTATION,
-        kind="categorical",
-        test="share of new volumes with an orientation unseen in training",
-        training=training,
-        new=new,
-        verdict=verdict,
-        reason=reason,
-        statistics={"unseen_share": share},
-    )
-
-
-def _power_notes(n_training: int, n_new: int, thresholds: Thresholds) -> list[str]:
-    """Say when the KS test cannot reach the threshold: with few volumes, it never fires."""
-    # The smallest two-sided p-value KS can give (D = 1) is 2 / C(n + m, n).
-    floor = min(1.0, 2.0 / math.comb(n_training + n_new, n_new))
-    if floor < thresholds.ks_pvalue:
-        return []
-    return [
-        f"With {n_new} new and {n_training} training volumes the KS test cannot reach "
-        f"p < {thresholds.ks_pvalue:g} (its smallest p is {floor:.2g}); verdicts rest on the "
-        "median shift and the training range. Check more volumes for a firmer answer."
-    ]
-
-
-# --- report and logging ---------------------------------------------------------------------
+    return {**profile, "volumes": volumes}
 
 
 def write_report(report: DriftReport, new_profiles: Sequence[dict], folder: Path) -> dict:
@@ -764,7 +329,7 @@ def write_report(report: DriftReport, new_profiles: Sequence[dict], folder: Path
     return {key: str(path) for key, path in paths.items()}
 
 
-def monitoring_experiment(tracking: Tracking, model: ModelRef) -> str:
+def monitoring_experiment(tracking: Tracking, model: ModelSource) -> str:
     """``<model>-monitoring``; for an unregistered ``runs:/`` model, after its run's experiment.
 
     Under the team's ``experiment_prefix``, like every experiment mlpipe creates.
@@ -843,73 +408,3 @@ def log_report(tracking: Tracking, report: DriftReport, *, experiment: str | Non
     report.run_id, report.experiment = run_id, name
     report.link = tracking.ui_link(experiment_id, run_id)
     return run_id
-
-
-# --- helpers --------------------------------------------------------------------------------
-
-
-def _usable(entry: Mapping[str, Any]) -> bool:
-    """Whether a profile entry has what the comparison reads (a partial one is skipped)."""
-    try:
-        for feature in NUMERIC_FEATURES:
-            if not math.isfinite(feature.get(dict(entry))):
-                return False
-        return isinstance(entry["orientation"], str)
-    except (KeyError, IndexError, TypeError, ValueError):
-        return False
-
-
-def _spread(items: list, limit: int | None) -> list:
-    if limit is None or limit >= len(items):
-        return items
-    step = len(items) / limit
-    return [items[int(i * step)] for i in range(limit)]
-
-
-def _parse_time(text: str, what: str) -> datetime:
-    try:
-        parsed = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError:
-        raise UsageError(
-            f"{what} {text!r} is not an ISO date or time (e.g. 2025-03-01 or "
-            "2025-03-01T12:00:00+00:00)."
-        ) from None
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)
-
-
-def _quantile(ordered: Sequence[float], q: float) -> float:
-    if len(ordered) == 1:
-        return float(ordered[0])
-    position = q * (len(ordered) - 1)
-    low = math.floor(position)
-    high = min(low + 1, len(ordered) - 1)
-    return float(ordered[low] + (ordered[high] - ordered[low]) * (position - low))
-
-
-def _percent(value: float, *, signed: bool = True) -> str:
-    if not math.isfinite(value):
-        return "from 0" if signed else "inf"
-    return f"{value * 100:+.0f}%" if signed else f"{value * 100:.0f}%"
-
-
-def _num(value: float) -> str:
-    return f"{value:.4g}"
-
-
-def _side_text(result: FeatureResult, values: list) -> str:
-    if result.kind == "categorical":
-        counts = Counter(values)
-        return ", ".join(
-            f"{name} {n / len(values) * 100:.0f}%" for name, n in counts.most_common(3)
-        )
-    ordered = sorted(values)
-    return f"{_num(statistics.median(ordered))} [{_num(ordered[0])}, {_num(ordered[-1])}]"
-
-
-def _statistic_text(result: FeatureResult) -> str:
-    stats = result.statistics
-    if result.kind == "categorical":
-        return f"unseen {_percent(stats['unseen_share'] or 0.0, signed=False)}"
-    shift = stats.get("shift")
-    shown = _percent(shift) if shift is not None else "inf"
-    return f"D={stats['ks_statistic']:.2f} p={stats['ks_pvalue']:.2g} shift={shown}"

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 if TYPE_CHECKING:
-    from mlpipe.monitor.drift import FeatureResult
+    from mlpipe.monitor.features import FeatureResult
 
 _COLOURS = {"training": "#4C72B0", "new": "#DD8452"}
 _VERDICT_COLOURS = {"drift": "#C44E52", "check": "#CC9900", "ok": "#2E7D32"}
@@ -27,7 +27,7 @@ def drift_figure(
     """One panel per feature: histograms (share of volumes) of both sides, verdict in the title.
 
     Args:
-        features: results of ``mlpipe.drift.compare_profiles``.
+        features: results of ``mlpipe.monitor.features.compare_profiles``.
         path: the PNG to write.
         title: a line above the panels (model and sample sizes).
         bins: bins per numeric histogram, shared by both sides so they compare.

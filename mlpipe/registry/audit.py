@@ -2,9 +2,9 @@
 
 Each event is a registered-model tag ``mlpipe.history.<seq:06d>`` holding one JSON object
 (time, who, action, alias, from, to, reason, gates). The sequence number is assigned while the
-model's registry lock is held (``mlpipe.locks``), so the order is the order of the moves. Tags
-live in the tracking server's database: the record survives any client machine and shows in
-the MLflow UI on the model's page.
+model's registry lock is held (``mlpipe.registry.locks``), so the order is the order of the
+moves. Tags live in the tracking server's database: the record survives any client machine
+and shows in the MLflow UI on the model's page.
 """
 
 from __future__ import annotations

@@ -1,10 +1,15 @@
-"""Gated promotion, rollback, history and listings of registered models.
+"""Gated promotion and rollback of registered models.
 
 The production pointer is an alias (``models:/NAME@production``). ``plan_promotion`` reads
 and checks everything and changes nothing; ``execute_promotion`` takes the model's registry
-lock (``mlpipe.locks``), checks again against whoever holds the alias now, moves the alias
-and the deprecated stage, tags the version and appends the move to the history
-(``mlpipe.audit``). Library only: values are returned and typed errors raised; nothing prints.
+lock (``mlpipe.registry.locks``), checks again against whoever holds the alias now, moves
+the alias and the deprecated stage, tags the version and appends the move to the history
+(``mlpipe.registry.audit``). Library only: values are returned and typed errors raised;
+nothing prints.
+
+Kept whole: planning, checking and executing a move share one set of rules (the gates, the
+regression check against the alias holder, the lock); the history and listings are in
+``mlpipe.registry.views``.
 """
 
 from __future__ import annotations
@@ -27,10 +32,17 @@ from mlpipe.registry.audit import HistoryEvent, event_key, next_seq, parse_histo
 from mlpipe.registry.locks import is_lock_name, model_lock
 
 if TYPE_CHECKING:
-    import pandas as pd
     from mlflow import MlflowClient
 
+
+def _join(problems: list[str]) -> str:
+    if len(problems) == 1:
+        return problems[0]
+    return f"{len(problems)} problems:\n  " + "\n  ".join(problems)
+
+
 Echo = Callable[[str], None]
+
 
 CONVENTION_TAGS = (
     "mlpipe.dataset.name",
@@ -38,10 +50,20 @@ CONVENTION_TAGS = (
     "mlpipe.dataset.digest",
     "mlpipe.preprocessing.digest",
 )
+
+
 PRIMARY_METRIC_TAG = "mlpipe.primary_metric"
+
+
 PRIMARY_GOAL_TAG = "mlpipe.primary_metric_goal"
+
+
 PRODUCTION_STAGE = "Production"
+
+
 _GATE_RE = re.compile(r"^\s*([^<>=!\s]+)\s*(>=|<=|==|>|<)\s*([-+]?[0-9.]+(?:[eE][-+]?\d+)?)\s*$")
+
+
 _OPS: dict[str, Callable[[float, float], bool]] = {
     ">=": lambda a, b: a >= b,
     ">": lambda a, b: a > b,
@@ -49,6 +71,8 @@ _OPS: dict[str, Callable[[float, float], bool]] = {
     "<": lambda a, b: a < b,
     "==": lambda a, b: a == b,
 }
+
+
 _ALIAS_RE = re.compile(r"^[A-Za-z0-9_-]{1,255}$")
 
 
@@ -64,9 +88,6 @@ def connect(tracking_uri: str | None = None) -> Tracking:
     check_reachable(settings.tracking_uri.value or "")
     quiet_mlflow_logs()
     return Tracking(settings)
-
-
-# --- gates ----------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -97,9 +118,6 @@ def parse_gate(text: str) -> Gate:
             ">=, >, <=, <, == (for example --require 'val_dice>=0.8')."
         )
     return Gate(match.group(1), match.group(2), float(match.group(3)))
-
-
-# --- reading versions -----------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -180,9 +198,6 @@ def _require_model(client: MlflowClient, model: str) -> None:
         raise NotFoundError(
             f"Registered model {model!r} does not exist. Registered models: {listed}."
         ) from exc
-
-
-# --- promotion ------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -443,9 +458,6 @@ def execute_promotion(
     )
 
 
-# --- rollback -------------------------------------------------------------------------------
-
-
 @dataclass(frozen=True)
 class RollbackPlan:
     model: str
@@ -512,9 +524,6 @@ def execute_rollback(
             stage=not no_stage,
         )
     return PromotionResult(plan.model, plan.alias, plan.target, plan.current, not no_stage, event)
-
-
-# --- the move itself ------------------------------------------------------------------------
 
 
 @contextmanager
@@ -598,99 +607,3 @@ def who() -> str:
         return getpass.getuser()
     except (KeyError, OSError):
         return "unknown"
-
-
-# --- views ----------------------------------------------------------------------------------
-
-
-def history(tracking: Tracking, model: str, alias: str | None = None) -> list[HistoryEvent]:
-    """The recorded alias moves of ``model``, oldest first (only ``alias``'s when given).
-
-    Raises:
-        NotFoundError: no such model.
-    """
-    _require_model(tracking.client, model)
-    with translate_errors(f"model {model!r}"):
-        tags = tracking.client.get_registered_model(model).tags
-    events = parse_history(tags)
-    return [e for e in events if alias is None or e.alias == alias]
-
-
-def list_models(tracking: Tracking) -> pd.DataFrame:
-    """Registered models (without mlpipe's lock entries): name, versions, aliases, updated."""
-    import pandas as pd
-
-    client = tracking.client
-    rows = []
-    with translate_errors("registered models"):
-        for rm in client.search_registered_models():
-            if is_lock_name(rm.name):
-                continue
-            full = client.get_registered_model(rm.name)
-            latest = max((int(v.version) for v in full.latest_versions or []), default=None)
-            rows.append(
-                {
-                    "model": rm.name,
-                    "latest version": latest if latest is not None else "-",
-                    "aliases": _alias_text(full.aliases),
-                    "updated": _time(full.last_updated_timestamp),
-                }
-            )
-    return pd.DataFrame(rows, columns=["model", "latest version", "aliases", "updated"])
-
-
-def list_versions(tracking: Tracking, model: str) -> pd.DataFrame:
-    """One model's versions: aliases, stage, primary metric, dataset version, run, created.
-
-    Raises:
-        NotFoundError: no such model.
-    """
-    import pandas as pd
-
-    client = tracking.client
-    _require_model(client, model)
-    by_version: dict[str, list[str]] = {}
-    for alias, version in _aliases(client, model).items():
-        by_version.setdefault(version, []).append(alias)
-    rows = []
-    for mv in _versions(client, model):
-        info = version_info(client, model, str(mv.version))
-        metric = info.tags.get(PRIMARY_METRIC_TAG)
-        value = info.metrics.get(metric) if metric else None
-        rows.append(
-            {
-                "version": info.version,
-                "aliases": ", ".join(sorted(by_version.get(info.version, []))) or "-",
-                "stage": info.stage,
-                "primary metric": f"{metric}={value:.6g}" if value is not None else "-",
-                "dataset version": info.convention("mlpipe.dataset.version") or "-",
-                "run id": info.run_id or "-",
-                "created": _time(info.created),
-            }
-        )
-    columns = [
-        "version",
-        "aliases",
-        "stage",
-        "primary metric",
-        "dataset version",
-        "run id",
-        "created",
-    ]
-    return pd.DataFrame(rows, columns=columns)
-
-
-def _alias_text(aliases: dict) -> str:
-    return ", ".join(f"@{a}=v{v}" for a, v in sorted(aliases.items())) or "-"
-
-
-def _time(millis: int | None) -> str:
-    if not millis:
-        return "-"
-    return datetime.fromtimestamp(millis / 1000, timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-
-
-def _join(problems: list[str]) -> str:
-    if len(problems) == 1:
-        return problems[0]
-    return f"{len(problems)} problems:\n  " + "\n  ".join(problems)

@@ -279,7 +279,7 @@ def execute(
 
     When the tracking server is down as the run ends, its end is retried for
     ``$MLPIPE_FINISH_TIMEOUT`` seconds (300), with a progress line every 15 s; what the
-    project's process could not send (``mlpipe.batching``'s outbox) is sent first.
+    project's process could not send (``mlpipe.core.outbox``) is sent first.
 
     Raises:
         TrackingUnavailableError: the tracking server does not answer at the start (nothing
@@ -403,7 +403,7 @@ def _launch(plan: RunPlan, tracking, experiment_id: str, run_id: str, hooks: Lau
 
     MLflow resolves the environment (local, uv, virtualenv, conda, docker) and builds the
     command; its module-level ``_run_entry_point`` is the one step swapped for ours, for the
-    reasons in ``mlpipe.launcher``. ``tests/test_runner.py`` guards this seam against MLflow
+    reasons in ``mlpipe.run.launcher``. ``tests/test_runner.py`` guards this seam against MLflow
     upgrades.
     """
     import mlflow

@@ -254,7 +254,7 @@ def _check_outbox(state: _State) -> CheckResult:
     name = "unsent data"
     from mlflow import MlflowClient
 
-    from mlpipe.log.batching import outbox_dir, outbox_files, replay_outbox
+    from mlpipe.core.outbox import outbox_dir, outbox_files, replay_outbox
 
     if not outbox_files(state.uri):
         return CheckResult(name, PASS, "nothing waiting in the outbox for this server")

@@ -1,4 +1,4 @@
-"""The dataset checks seg3d needs on top of ``mlpipe.dataset.build_manifest``, and the split.
+"""The dataset checks seg3d needs on top of ``mlpipe.data.dataset.build_manifest``, and the split.
 
 ``build_manifest`` already refuses what no pipeline can read (missing or truncated files,
 unpaired images, image/label shapes that differ, 4D labels). What is left here is what this

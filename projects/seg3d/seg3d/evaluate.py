@@ -54,7 +54,7 @@ def evaluate(model_uri: str, data_dir: str | os.PathLike[str], *, num_classes: i
     Raises:
         Seg3dInputError: no labelled test case, a model that cannot be loaded or has another
             number of classes, a label whose shape differs from its image's.
-        DatasetError: the dataset cannot be read (from ``mlpipe.dataset``).
+        DatasetError: the dataset cannot be read (from ``mlpipe.data.dataset``).
     """
     import mlflow
     import pandas as pd

@@ -52,7 +52,7 @@ def synthesize(
     """Write a synthetic Decathlon-layout dataset of CT-like volumes and their labels.
 
     ``dataset.json`` is written last: a folder without it is an interrupted run, and is
-    overwritten by the next one; ``mlpipe.dataset`` reads the name and version from it.
+    overwritten by the next one; ``mlpipe.data.dataset`` reads the name and version from it.
 
     Args:
         out_dir: the dataset folder; created, or replaced if it holds an earlier synthetic
