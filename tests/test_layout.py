@@ -18,7 +18,18 @@ MAX_LINES = 600
 REASON = "Kept whole:"
 """A module over ``MAX_LINES`` says in its docstring, after this marker, why it is one idea."""
 
-COMPONENTS = ("core", "run", "data", "log", "registry", "server", "inference", "serve", "monitor")
+COMPONENTS = (
+    "core",
+    "run",
+    "data",
+    "log",
+    "registry",
+    "server",
+    "inference",
+    "serve",
+    "monitor",
+    "sweep",
+)
 
 
 def _modules(root: Path = PACKAGE) -> dict[str, Path]:

@@ -368,7 +368,8 @@ def test_execute_hooks_see_the_process_and_an_outside_stop_ends_killed(project_d
     import threading
 
     from mlpipe.core.errors import InterruptedRunError
-    from mlpipe.run.runner import LaunchHooks, RunRequest, execute, plan_run
+    from mlpipe.run.launcher import LaunchHooks
+    from mlpipe.run.runner import RunRequest, execute, plan_run
 
     plan = plan_run(RunRequest(uri=str(project_dir("sleeper")), params=["seconds=60"]))
     seen = []

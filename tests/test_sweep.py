@@ -14,7 +14,7 @@ from mlpipe.cli import cli
 from mlpipe.core.errors import NotFoundError, UsageError
 from mlpipe.run.project import load_project
 from mlpipe.sweep import study as studies
-from mlpipe.sweep.driver import SweepRequest, parse_duration, plan_sweep
+from mlpipe.sweep.plan import SweepRequest, parse_duration, plan_sweep
 from tests.conftest import PROJECTS
 
 CONVENTION_MLPROJECT = """\

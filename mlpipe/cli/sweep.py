@@ -96,7 +96,8 @@ def sweep(
           --storage postgresql://optuna@db.lab:5432/optuna
       mlpipe sweep --join lr-search --storage postgresql://optuna@db.lab:5432/optuna
     """
-    from mlpipe.sweep.driver import SweepRequest, plan_sweep, run_sweep
+    from mlpipe.sweep.driver import run_sweep
+    from mlpipe.sweep.plan import SweepRequest, plan_sweep
     from mlpipe.sweep.results import summary_lines, table_header, table_row, table_widths
 
     request = SweepRequest(

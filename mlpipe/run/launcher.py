@@ -17,7 +17,8 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import BinaryIO
 
 TAIL_LINES = 15
@@ -148,6 +149,24 @@ class ProjectProcess:
             except (BrokenPipeError, ValueError, OSError):
                 broken = True  # keep draining so the child never blocks on a full pipe
         pipe.close()
+
+
+@dataclass(frozen=True)
+class LaunchHooks:
+    """What a caller that runs many projects at once (``mlpipe sweep``) adds to ``execute``.
+
+    ``mlpipe run`` passes none. Attributes:
+        on_start: called with the run id and the started process, so the caller can stop it
+            (a pruned trial, Ctrl-C in another thread); a process stopped that way ends the
+            run KILLED and ``execute`` raises ``InterruptedRunError``.
+        env: extra environment variables for the project's process (``CUDA_VISIBLE_DEVICES``).
+        stdout, stderr: where the project's output goes instead of ours (a trial's log file).
+    """
+
+    on_start: Callable[[str, ProjectProcess], None] | None = None
+    env: Mapping[str, str] = field(default_factory=dict)
+    stdout: BinaryIO | None = None
+    stderr: BinaryIO | None = None
 
 
 def _binary(stream) -> BinaryIO:

@@ -4,6 +4,10 @@ Everything that can be wrong with the input is found before a run exists (``plan
 ``execute`` then creates the run with mlpipe's tags, hands the entry point to MLflow's local
 backend (its env managers, docker and command building), and owns the child process, so a
 failure ends FAILED with the output's last lines and Ctrl-C or SIGTERM ends KILLED.
+
+Kept whole: the life of one run, from the checks to its end, reads in order here; ``mlpipe
+sweep`` runs its trials through the same path (``with_params``, ``execute`` with
+``LaunchHooks``) rather than a copy of it.
 """
 
 from __future__ import annotations
@@ -18,7 +22,6 @@ from collections.abc import Callable, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO
 
 from mlpipe import __version__
 from mlpipe.core.errors import (
@@ -30,6 +33,7 @@ from mlpipe.core.errors import (
     UsageError,
 )
 from mlpipe.core.settings import Settings, client_environ, redact_uri, resolve_settings
+from mlpipe.run.launcher import LaunchHooks
 from mlpipe.run.params import CheckedParams, check_params, parse_assignments
 from mlpipe.run.project import EntryPoint, Project, load_project
 from mlpipe.run.source import ProjectSource, resolve_source, strip_credentials
@@ -45,30 +49,9 @@ INTERRUPT_FINISH_S = 10.0
 
 Echo = Callable[[str], None]
 
-if TYPE_CHECKING:
-    from mlpipe.run.launcher import ProjectProcess
-
 _LAUNCH_LOCK = threading.Lock()
 """``_launch`` swaps a module-level function of MLflow's local backend for the time of one
 launch; runs started from several threads at once (``mlpipe sweep --parallel``) take turns."""
-
-
-@dataclass(frozen=True)
-class LaunchHooks:
-    """What a caller that runs many projects at once (``mlpipe sweep``) adds to ``execute``.
-
-    ``mlpipe run`` passes none. Attributes:
-        on_start: called with the run id and the started process, so the caller can stop it
-            (a pruned trial, Ctrl-C in another thread); a process stopped that way ends the
-            run KILLED and ``execute`` raises ``InterruptedRunError``.
-        env: extra environment variables for the project's process (``CUDA_VISIBLE_DEVICES``).
-        stdout, stderr: where the project's output goes instead of ours (a trial's log file).
-    """
-
-    on_start: Callable[[str, ProjectProcess], None] | None = None
-    env: Mapping[str, str] = field(default_factory=dict)
-    stdout: BinaryIO | None = None
-    stderr: BinaryIO | None = None
 
 
 @dataclass(frozen=True)

@@ -1,1 +1,2 @@
-"""Hyperparameter sweeps: Optuna studies whose trials are checked ``mlpipe run``s."""
+"""``mlpipe sweep``: hyperparameter search with Optuna, every trial a checked ``mlpipe run``
+and a child run of one parent; many workers share one study in PostgreSQL."""

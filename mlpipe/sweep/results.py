@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     import optuna
 
     from mlpipe.core.tracking import Tracking
-    from mlpipe.sweep.driver import TrialRow
+    from mlpipe.sweep.plan import TrialRow
 
 TAG = "mlpipe.sweep."
 PLOTS = ("optimization_history", "parallel_coordinate", "param_importances")
