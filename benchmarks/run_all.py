@@ -27,7 +27,7 @@ BENCHMARKS: list[tuple[str, list[str], int]] = [
     # (script, arguments for this machine, time limit in seconds)
     ("cli_startup", ["--repeats", "10"], 180),
     ("run_overhead", ["--repeats", "5"], 240),
-    ("sweep_overhead", ["--trials", "10", "--sleep", "5"], 480),
+    ("sweep_overhead", ["--trials", "10", "--sleep", "5"], 600),
     ("metrics_logging", [], 240),
     ("dataset_digest", ["--repeats", "5"], 180),
     ("seg3d_train", ["--repeats", "5"], 420),

@@ -188,14 +188,15 @@ def test_sweep_ctrl_c_kills_every_trial_and_the_parent(tmp_path):
         if not (tmp_path / "mlruns.db").exists():
             return None
         _, trials = _runs(client, "s2")
-        running = [r for r in trials if r.info.status == "RUNNING"]
+        # running and past their start: each logged a step (and printed its GPU slot before)
+        running = [r for r in trials if r.info.status == "RUNNING" and "score" in r.data.metrics]
         return (
             running
             if len(running) == 2 and _processes_of({r.info.run_id for r in running})
             else None
         )
 
-    running = _wait_for(two_running, 120, "two running trials")
+    running = _wait_for(two_running, 120, "two running trials that logged a step")
     proc.send_signal(signal.SIGINT)
     assert proc.wait(timeout=60) == 130, log.read_text()
     assert "Ctrl-C: sweep 's2' stopped" in log.read_text()
