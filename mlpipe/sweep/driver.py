@@ -8,6 +8,7 @@ sees it complete closes the sweep (``mlpipe.sweep.results``).
 
 from __future__ import annotations
 
+import contextlib
 import signal
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -78,6 +79,14 @@ def run_sweep(
                 signum=exc.signum,
                 run_id=parent,
             ) from None
+        except BaseException:
+            # Not a trial's failure (those are caught per trial): the sweep itself broke.
+            with contextlib.suppress(Exception):
+                if studies.progress(study).running == 0:
+                    tracking.finish(
+                        parent, "FAILED", wait=10.0, reason="the sweep stopped on an error"
+                    )
+            raise
         if outcome.complete:
             from mlpipe.sweep.results import finalize
 
