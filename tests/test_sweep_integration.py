@@ -182,12 +182,14 @@ def test_sweep_ctrl_c_kills_every_trial_and_the_parent(tmp_path):
         tmp_path,
         log,
     )
-    client = MlflowClient(f"sqlite:///{tmp_path / 'mlruns.db'}")
+    store = f"sqlite:///{tmp_path / 'mlruns.db'}"
 
     def two_running():
-        # Not before the sweep made its store: two processes creating one SQLite store race.
+        # No client before the sweep made its store: MlflowClient creates a SQLite store as it
+        # starts, and two processes creating one store race in MLflow's migrations.
         if "parent run" not in log.read_text():
             return None
+        client = MlflowClient(store)
         _, trials = _runs(client, "s2")
         # running and past their start: each logged a step (and printed its GPU slot before)
         running = [r for r in trials if r.info.status == "RUNNING" and "score" in r.data.metrics]
@@ -198,6 +200,7 @@ def test_sweep_ctrl_c_kills_every_trial_and_the_parent(tmp_path):
         )
 
     running = _wait_for(two_running, 120, "two running trials that logged a step")
+    client = MlflowClient(store)
     proc.send_signal(signal.SIGINT)
     assert proc.wait(timeout=60) == 130, log.read_text()
     assert "Ctrl-C: sweep 's2' stopped" in log.read_text()

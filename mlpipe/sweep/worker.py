@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import queue
+import shutil
 import signal
 import socket
 import tempfile
@@ -69,27 +70,33 @@ class Worker:
             True when the study has its count of trials; False on ``--timeout``.
         """
         deadline = time.monotonic() + self.plan.timeout_s if self.plan.timeout_s else None
-        with self._signals():
-            while True:
-                for stale in studies.fail_stale(self.study):
-                    self._settle_stale(stale.user_attrs.get(studies.RUN_ATTR), stale.number)
-                state = studies.progress(self.study)
-                if state.counted >= self.plan.trials:
-                    return True
-                left = None if deadline is None else deadline - time.monotonic()
-                if left is not None and left <= 0:
-                    self.echo(f"mlpipe: --timeout reached with {state.counted} trial(s) done")
-                    return False
-                if state.pending < self.plan.trials or state.waiting:
-                    self.study.optimize(
-                        self._objective,
-                        n_jobs=self.plan.parallel,
-                        timeout=left,
-                        catch=(ProjectCommandError,),
-                        callbacks=[self._enough],
-                    )
-                    continue
-                time.sleep(self.poll)  # others' trials run: wait for them, or for them to go stale
+        try:
+            with self._signals():
+                return self._loop(deadline)
+        finally:
+            shutil.rmtree(self._logs, ignore_errors=True)  # each log is an artifact of its run
+
+    def _loop(self, deadline: float | None) -> bool:
+        while True:
+            for stale in studies.fail_stale(self.study):
+                self._settle_stale(stale.user_attrs.get(studies.RUN_ATTR), stale.number)
+            state = studies.progress(self.study)
+            if state.counted >= self.plan.trials:
+                return True
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                self.echo(f"mlpipe: --timeout reached with {state.counted} trial(s) done")
+                return False
+            if state.pending < self.plan.trials or state.waiting:
+                self.study.optimize(
+                    self._objective,
+                    n_jobs=self.plan.parallel,
+                    timeout=left,
+                    catch=(ProjectCommandError,),
+                    callbacks=[self._enough],
+                )
+                continue
+            time.sleep(self.poll)  # others' trials run: wait for them, or for them to go stale
 
     def _enough(self, study, _trial) -> None:
         if self._interrupt is not None or studies.progress(study).pending >= self.plan.trials:
