@@ -11,6 +11,7 @@ These start processes; ``pytest -m 'not integration'`` skips them locally.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -143,6 +144,11 @@ def test_sweep_one_worker_crash_prune_then_resume(tmp_path):
     assert len(trials) == 5 and parent.info.status == "FINISHED"
     assert parent.data.metrics["trials_complete"] == 3
     assert parent.data.metrics["best_score"] == pytest.approx(0.95)
+    best = json.loads(parent.data.tags["mlpipe.sweep.best_params"])
+    assert (
+        best["lr"]
+        == next(r for r in trials if r.data.tags["mlpipe.sweep.trial"] == "4").data.params["lr"]
+    )
 
     compared = subprocess.run(
         [*MLPIPE, "compare", "--sweep", "s1", "--format", "csv"],
@@ -153,7 +159,8 @@ def test_sweep_one_worker_crash_prune_then_resume(tmp_path):
     )
     assert compared.returncode == 0, compared.stderr
     header = compared.stdout.splitlines()[0].split(",")
-    assert len(header) == 1 + 5 and header[1:3] == ["s1-004", "s1-000"]  # best first
+    # completed trials best first, then the crashed and the pruned one by number
+    assert header == ["field", "s1-004", "s1-000", "s1-001", "s1-002", "s1-003"]
 
 
 def test_sweep_ctrl_c_kills_every_trial_and_the_parent(tmp_path):

@@ -330,8 +330,9 @@ def _runs_of_experiment(tracking: Tracking, request: CompareRequest) -> tuple[li
 
 
 def _runs_of_sweep(tracking: Tracking, request: CompareRequest) -> tuple[list[Run], list[str]]:
-    """The trial runs of sweep ``request.sweep`` (tag ``mlpipe.sweep.study``), best first by the
-    sweep's metric and goal (its parent run's tags) or by ``--by``; unfinished trials last."""
+    """The trial runs of sweep ``request.sweep`` (tag ``mlpipe.sweep.study``): completed trials
+    best first by the sweep's metric and goal (its parent run's tags) or by ``--by``, then the
+    others (pruned, failed, killed, running) by trial number."""
     assert request.sweep is not None
     escaped = request.sweep.replace("'", "\\'")
     with translate_errors(f"sweep {request.sweep!r}"):
@@ -350,7 +351,15 @@ def _runs_of_sweep(tracking: Tracking, request: CompareRequest) -> tuple[list[Ru
     metric = request.by or parent_tags.get(SWEEP_TAG + "metric")
     goal = parent_tags.get(SWEEP_TAG + "goal", "max")
     order = request.order or ("asc" if goal == "min" else "desc")
-    scored = [r for r in trials if metric and metric in r.data.metrics]
+    # Completed trials rank by the metric (what the study ranks); pruned, failed, killed and
+    # running ones follow by trial number, since their last value is not a result.
+    scored = [
+        r
+        for r in trials
+        if metric
+        and metric in r.data.metrics
+        and r.data.tags.get(SWEEP_TAG + "trial_state") == "COMPLETE"
+    ]
     rest = sorted(
         (r for r in trials if r not in scored),
         key=lambda r: int(r.data.tags.get(SWEEP_TAG + "trial", 0)),

@@ -2,8 +2,8 @@
 and the best trial's model registered for ``mlpipe promote``.
 
 The parent gets ``best_<metric>``, ``best_trial`` and counts of trials by state as metrics,
-``best_<param>`` as params and ``mlpipe.sweep.best_run_id`` as a tag; Optuna's matplotlib
-plots (optimization history, parallel coordinates, parameter importances) as images under
+``best_<param>`` as params, ``mlpipe.sweep.best_run_id`` and ``.best_params`` as tags; Optuna's
+matplotlib plots (optimization history, parallel coordinates, parameter importances) as images under
 ``sweep/``. Any worker that sees the study complete may close it; a parent already FINISHED
 is left as it is.
 """
@@ -11,6 +11,7 @@ is left as it is.
 from __future__ import annotations
 
 import contextlib
+import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -115,11 +116,23 @@ def finalize(
             Metric("best_trial", float(best.number), now, 0),
         ],
     )
-    with contextlib.suppress(Exception):  # a second worker closing the sweep logs the same
-        client.log_batch(
-            parent, params=[Param(f"best_{k}", str(v)) for k, v in best.params.items()]
+    # MLflow params cannot change: a sweep resumed with a new best keeps the first best_*
+    # params and says so; the tag mlpipe.sweep.best_params always holds the current best.
+    logged = client.get_run(parent).data.params
+    best_params = {f"best_{k}": str(v) for k, v in best.params.items()}
+    new = {k: v for k, v in best_params.items() if k not in logged}
+    if new:
+        with contextlib.suppress(Exception):  # another worker closing the sweep at once
+            client.log_batch(parent, params=[Param(k, v) for k, v in new.items()])
+    if any(logged.get(k, v) != v for k, v in best_params.items()):
+        echo(
+            "mlpipe: the best trial changed since the parent's best_* params were logged "
+            f"(params cannot change); tag {TAG}best_params holds the new best"
         )
-    tags = {TAG + "best_trial": str(best.number)}
+    tags = {
+        TAG + "best_trial": str(best.number),
+        TAG + "best_params": json.dumps({k: str(v) for k, v in best.params.items()}),
+    }
     if best_run:
         tags[TAG + "best_run_id"] = best_run
     tracking.set_tags(parent, tags)
