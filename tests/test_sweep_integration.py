@@ -306,3 +306,38 @@ def test_two_workers_share_a_postgresql_study_and_survive_a_sigkill(tmp_path):
         assert f"trial {victim_number} lost its worker" in output
         assert _processes_of({victim.info.run_id}) == []
         assert parent.data.metrics["best_score"] == pytest.approx(0.7)
+
+
+def test_sweep_timeout_starts_no_trial_after_it_and_closes_the_parent(tmp_path):
+    log = tmp_path / "sweep.log"
+    proc = _start(
+        [
+            str(PROJECTS / "tuner"),
+            "--space",
+            "lr=loguniform(1e-4,1e-1)",
+            "--trials",
+            "10",
+            "--timeout",
+            "3s",
+            "--metric",
+            "score",
+            "--goal",
+            "max",
+            "--study",
+            "s4",
+            "-P",
+            "steps=2",
+            "-P",
+            "delay=2",
+        ],
+        tmp_path,
+        log,
+    )
+    assert proc.wait(timeout=180) == 0, log.read_text()
+    assert "Stopped at --timeout" in log.read_text()
+    (parent,), trials = _runs(MlflowClient(f"sqlite:///{tmp_path / 'mlruns.db'}"), "s4")
+    assert len(trials) == 1  # each trial takes over 4 s: only the first one started
+    assert (
+        parent.info.status == "FINISHED" and parent.data.tags["mlpipe.sweep.stopped"] == "timeout"
+    )
+    assert parent.data.metrics["trials_complete"] == 1

@@ -144,13 +144,13 @@ def sweep(
         outcome = run_sweep(plan, echo=lambda msg: click.echo(msg, err=True), on_row=on_row)
     finally:
         plan.base.source.cleanup()
+    if not outcome.complete:
+        click.echo(f"Stopped at --timeout; continue with --resume --study {plan.study_name}.")
     if outcome.finalized is not None:
         for text in summary_lines(outcome.finalized, plan.metric):
             click.echo(text)
     elif outcome.complete:
         click.echo(f"Sweep {plan.study_name} is complete (another worker closed it).")
-    else:
-        click.echo(f"Stopped at --timeout; continue with --resume --study {plan.study_name}.")
     click.echo(
         f"Parent run: {outcome.parent_run_id}. Trials: mlpipe compare --sweep {plan.study_name}"
     )

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from mlpipe.core.errors import InterruptedRunError, UsageError
 from mlpipe.core.settings import client_environ
 from mlpipe.sweep import study as studies
-from mlpipe.sweep.plan import SweepPlan, TrialRow
+from mlpipe.sweep.plan import TAG, SweepPlan, TrialRow
 from mlpipe.sweep.worker import Worker
 
 if TYPE_CHECKING:
@@ -87,7 +87,13 @@ def run_sweep(
                         parent, "FAILED", wait=10.0, reason="the sweep stopped on an error"
                     )
             raise
-        if outcome.complete:
+        if not outcome.complete:
+            # --timeout: close the sweep with what it has, unless other workers still run
+            # trials (the last of them closes it); --resume reopens it.
+            if studies.progress(study).running:
+                return outcome
+            tracking.set_tags(parent, {TAG + "stopped": "timeout"})
+        if outcome.complete or plan.timeout_s:
             from mlpipe.sweep.results import finalize
 
             outcome.finalized = finalize(
