@@ -1,0 +1,258 @@
+"""The checks a DICOM series passes before its pixels are decoded: one series, a transfer
+syntax an installed package decodes, one orientation and pixel grid, slices evenly spaced
+along the slice normal with none missing or duplicated.
+
+Each refusal is a ``DatasetError`` that says what is wrong, where, and how to fix it. No
+patient or study attribute is read into a message: slices are named by file name and
+position, series by SeriesInstanceUID (which the local user needs to pick one).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mlpipe.core.errors import DatasetError
+
+GAP_FACTOR = 1.5
+"""A step between neighbouring slices above this many median steps means slices are missing."""
+
+SPACING_TOLERANCE = 0.02
+"""Steps may differ from the median by this fraction (scanners round positions) ..."""
+
+SPACING_TOLERANCE_MM = 0.01
+"""... or by this many millimetres, whichever is larger."""
+
+ORIENTATION_TOLERANCE = 1e-4
+"""Direction cosines of two slices of one series may differ by this much."""
+
+_LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+_INSTALL = {
+    "gdcm": "pip install python-gdcm",
+    "pylibjpeg": "pip install pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg pylibjpeg-rle",
+}
+
+
+@dataclass(frozen=True)
+class SliceInfo:
+    """What one image file's header says, for the checks; no pixel data."""
+
+    path: Path
+    series_uid: str
+    modality: str
+    sop_class: str
+    transfer_syntax: str
+    position: np.ndarray  # ImagePositionPatient, LPS mm
+    orientation: np.ndarray  # ImageOrientationPatient: row direction, column direction
+    pixel_spacing: tuple[float, float]  # (between rows, between columns)
+    rows: int
+    columns: int
+    frames: int
+    samples: int
+    dtype: str
+    slope: float
+    intercept: float
+    thickness: float | None
+
+    @classmethod
+    def from_dataset(cls, path: Path, ds: Any, shown: str) -> SliceInfo:
+        """The fields of a pydicom dataset, with a clear error for a missing or bad one."""
+        try:
+            position = np.asarray([float(v) for v in ds.ImagePositionPatient], dtype=float)
+            orientation = np.asarray([float(v) for v in ds.ImageOrientationPatient], dtype=float)
+            spacing = [float(v) for v in ds.PixelSpacing]
+            bits = int(ds.BitsAllocated)
+            signed = int(ds.get("PixelRepresentation", 0)) == 1
+            thickness = ds.get("SpacingBetweenSlices") or ds.get("SliceThickness")
+            info = cls(
+                path=path,
+                series_uid=str(ds.get("SeriesInstanceUID", "")),
+                modality=str(ds.get("Modality", "")),
+                sop_class=str(getattr(ds.get("SOPClassUID"), "name", ds.get("SOPClassUID"))),
+                transfer_syntax=str(ds.file_meta.get("TransferSyntaxUID", "1.2.840.10008.1.2")),
+                position=position,
+                orientation=orientation,
+                pixel_spacing=(spacing[0], spacing[1]),
+                rows=int(ds.Rows),
+                columns=int(ds.Columns),
+                frames=int(ds.get("NumberOfFrames", 1) or 1),
+                samples=int(ds.get("SamplesPerPixel", 1)),
+                dtype=f"{'int' if signed else 'uint'}{bits}" if bits in (8, 16, 32) else "float32",
+                slope=float(ds.get("RescaleSlope", 1.0) or 1.0),
+                intercept=float(ds.get("RescaleIntercept", 0.0) or 0.0),
+                thickness=float(thickness) if thickness else None,
+            )
+        except (AttributeError, KeyError, ValueError, TypeError, IndexError) as exc:
+            raise DatasetError(
+                f"{shown}: {path.name} lacks the geometry of an image slice ({exc}): "
+                "ImagePositionPatient, ImageOrientationPatient, PixelSpacing, Rows, Columns "
+                "and BitsAllocated are all needed. Export the series again."
+            ) from None
+        if position.shape != (3,) or orientation.shape != (6,):
+            raise DatasetError(
+                f"{shown}: {path.name} has a malformed ImagePositionPatient or "
+                "ImageOrientationPatient (expected 3 and 6 numbers)."
+            )
+        return info
+
+
+def one_series(slices: Sequence[SliceInfo], shown: str, series_uid: str | None) -> list[SliceInfo]:
+    """The slices of the one series in the folder (or of ``series_uid``), else a refusal that
+    lists every series with its slice count and modality."""
+    groups: dict[str, list[SliceInfo]] = defaultdict(list)
+    for s in slices:
+        groups[s.series_uid].append(s)
+    if series_uid is not None:
+        if series_uid not in groups:
+            raise DatasetError(
+                f"{shown} holds no series {series_uid}; it holds {', '.join(sorted(groups))}."
+            )
+        return groups[series_uid]
+    if len(groups) == 1:
+        return list(slices)
+    listed = "; ".join(
+        f"{uid} ({len(group)} slices, {group[0].modality or '?'})"
+        for uid, group in sorted(groups.items(), key=lambda kv: -len(kv[1]))
+    )
+    raise DatasetError(
+        f"{shown} holds {len(groups)} series, expected one: {listed}. Move the files of one "
+        "series into a folder of its own (each file's SeriesInstanceUID (0020,000E) says which "
+        "series it belongs to), or name the series with series_uid=."
+    )
+
+
+def check_decodable(slices: Sequence[SliceInfo], shown: str) -> None:
+    """Refuse, before decoding, a transfer syntax that no installed pydicom plugin decodes,
+    naming it and the packages that would; also multi-frame and colour images."""
+    from pydicom.pixels import get_decoder
+    from pydicom.uid import UID
+
+    for syntax in sorted({s.transfer_syntax for s in slices}):
+        uid = UID(syntax)
+        try:
+            decoder = get_decoder(uid)
+        except NotImplementedError:
+            raise DatasetError(
+                f"{shown} uses the transfer syntax {uid.name} ({uid}), which pydicom cannot "
+                "decode with any plugin. Export the series uncompressed (Explicit VR Little "
+                "Endian), e.g. with dcmtk's dcmdjpeg or gdcmconv --raw."
+            ) from None
+        if not decoder.is_available:
+            options = "; or ".join(
+                _INSTALL.get(item.split(" ")[0], item) for item in decoder.missing_dependencies
+            )
+            raise DatasetError(
+                f"{shown} is compressed with {uid.name} ({uid}), which no installed package "
+                f"decodes. Install one that does ({options}), or export the series uncompressed."
+            )
+    multi = [s for s in slices if s.frames > 1]
+    if multi:
+        raise DatasetError(
+            f"{shown}: {multi[0].path.name} is a multi-frame ({multi[0].frames} frames) "
+            "enhanced image; only classic one-slice-per-file series are read. Convert it "
+            "(e.g. dcm2niix, or highdicom's legacy conversion) first."
+        )
+    colour = [s for s in slices if s.samples != 1]
+    if colour:
+        raise DatasetError(
+            f"{shown}: {colour[0].path.name} has {colour[0].samples} samples per pixel (a colour "
+            "image); a CT/MR series has one."
+        )
+
+
+def check_geometry(slices: Sequence[SliceInfo], shown: str) -> tuple[list[SliceInfo], np.ndarray]:
+    """Sort along the slice normal, check spacing and consistency, build the RAS affine.
+
+    Returns:
+        The slices in order and the 4x4 voxel-to-RAS affine.
+    """
+    first = slices[0]
+    for s in slices[1:]:
+        if not np.allclose(s.orientation, first.orientation, atol=ORIENTATION_TOLERANCE):
+            raise DatasetError(
+                f"{shown}: inconsistent orientation: {s.path.name} has ImageOrientationPatient "
+                f"{_fmt(s.orientation)} but {first.path.name} has {_fmt(first.orientation)}. "
+                "A series has one orientation; split it, or export it again."
+            )
+        if (s.rows, s.columns) != (first.rows, first.columns):
+            raise DatasetError(
+                f"{shown}: {s.path.name} is {s.columns}x{s.rows} pixels but {first.path.name} "
+                f"is {first.columns}x{first.rows}; all slices of a series have one size."
+            )
+        if not np.allclose(s.pixel_spacing, first.pixel_spacing, rtol=1e-4, atol=1e-5):
+            raise DatasetError(
+                f"{shown}: inconsistent pixel spacing: {s.path.name} has {s.pixel_spacing} mm, "
+                f"{first.path.name} has {first.pixel_spacing} mm."
+            )
+    row_dir, col_dir = first.orientation[:3], first.orientation[3:]
+    normal = np.cross(row_dir, col_dir)
+    if not np.isclose(np.linalg.norm(normal), 1.0, atol=1e-3):
+        raise DatasetError(
+            f"{shown}: ImageOrientationPatient {_fmt(first.orientation)} is not two orthogonal "
+            "unit vectors."
+        )
+    ordered = sorted(slices, key=lambda s: float(s.position @ normal))
+    where = np.array([float(s.position @ normal) for s in ordered])
+    if len(ordered) == 1:
+        step_vector = normal * (first.thickness or 1.0)
+    else:
+        step_vector = _check_steps(ordered, where, shown)
+    lps = np.eye(4)
+    lps[:3, 0] = row_dir * first.pixel_spacing[1]  # i: along a row, one column to the next
+    lps[:3, 1] = col_dir * first.pixel_spacing[0]  # j: down a column, one row to the next
+    lps[:3, 2] = step_vector
+    lps[:3, 3] = ordered[0].position
+    return ordered, _LPS_TO_RAS @ lps
+
+
+def _check_steps(ordered: Sequence[SliceInfo], where: np.ndarray, shown: str) -> np.ndarray:
+    steps = np.diff(where)
+    median = float(np.median(steps))
+    duplicates = [k for k, step in enumerate(steps) if step < max(0.01 * median, 1e-3)]
+    if duplicates or median <= 0:
+        k = duplicates[0] if duplicates else 0
+        raise DatasetError(
+            f"{shown}: duplicated slice: {ordered[k].path.name} and {ordered[k + 1].path.name} "
+            f"are both at {where[k]:.3f} mm along the slice normal. Remove the duplicate, or "
+            "split the series if it holds two acquisitions."
+        )
+    gaps = [k for k, step in enumerate(steps) if step > GAP_FACTOR * median]
+    if gaps:
+        described = ", ".join(
+            f"{where[k]:.2f} to {where[k + 1]:.2f} mm (about {round(steps[k] / median) - 1} "
+            "missing)"
+            for k in gaps[:5]
+        )
+        raise DatasetError(
+            f"{shown}: missing slices: {len(gaps)} gap(s) wider than {GAP_FACTOR}x the "
+            f"{median:.3f} mm slice step, between {described}. Export the complete series."
+        )
+    tolerance = max(SPACING_TOLERANCE * median, SPACING_TOLERANCE_MM)
+    uneven = [k for k, step in enumerate(steps) if abs(step - median) > tolerance]
+    if uneven:
+        k = uneven[0]
+        raise DatasetError(
+            f"{shown}: inconsistent slice spacing: {steps[k]:.3f} mm between "
+            f"{ordered[k].path.name} and {ordered[k + 1].path.name}, {median:.3f} mm elsewhere. "
+            "A volume needs evenly spaced slices; resample it or export it again."
+        )
+    origin, last = ordered[0].position, ordered[-1].position
+    step_vector = (last - origin) / (len(ordered) - 1)
+    for k, s in enumerate(ordered):
+        off = float(np.linalg.norm(s.position - (origin + k * step_vector)))
+        if off > tolerance:
+            raise DatasetError(
+                f"{shown}: inconsistent slice positions: {s.path.name} lies {off:.3f} mm off the "
+                "line through the first and last slices. Export the series again."
+            )
+    return step_vector
+
+
+def _fmt(values: np.ndarray) -> str:
+    return "[" + ", ".join(f"{v:.4g}" for v in values) + "]"
