@@ -168,4 +168,5 @@ def test_load_volume_truncated_gzip_names_file_and_fix(tmp_path):
     assert str(path) in message
     assert "truncated or corrupt" in message
     assert "Copy or export it again" in message
-    assert isinstance(info.value.__cause__, EOFError)
+    assert "gzip stream ends after" in message  # cut short, and said so
+

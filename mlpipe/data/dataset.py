@@ -264,7 +264,8 @@ def _examine_all(
 def _examine(path: Path) -> _Facts:
     """Hash one file and check it is whole: a complete gzip stream, a readable header."""
     name = str(path)
-    gz = _GzipCheck(name) if name.lower().endswith(".gz") else None
+    header = read_header(path)  # the header decides first: a hostile size is refused unread
+    gz = _GzipCheck(name, header.data_end) if name.lower().endswith(".gz") else None
     digest = hashlib.sha256()
     read = 0
     try:
@@ -288,7 +289,6 @@ def _examine(path: Path) -> _Facts:
             "finished, then try again."
         )
     unpacked = gz.finish() if gz is not None else None
-    header = read_header(path)
     if unpacked is not None and unpacked < header.data_end:
         raise DatasetError(
             f"{path} is truncated: its header promises {header.data_end} bytes of NIfTI data "
@@ -308,11 +308,13 @@ class _GzipCheck:
     A truncated download leaves a stream whose decompressor never reaches end-of-stream
     (``eof`` stays False); zlib also verifies each member's CRC-32 and length. Several members
     and trailing zero padding are accepted, as Python's ``gzip`` (which nibabel uses) accepts
-    them. Output is discarded; only its length is kept.
+    them. Output is discarded; only its length is kept, and a stream that inflates beyond what
+    the header declares is refused at once rather than inflated to its end.
     """
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, limit: int) -> None:
         self.name = name
+        self.limit = limit
         self.unpacked = 0
         self.members = 0
         self._inflater: zlib._Decompress | None = zlib.decompressobj(16 + zlib.MAX_WBITS)
@@ -326,6 +328,12 @@ class _GzipCheck:
                         return
                     self._inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
                 self.unpacked += len(self._inflater.decompress(data, _GZIP_OUT_LIMIT))
+                if self.unpacked > self.limit:
+                    raise DatasetError(
+                        f"{self.name} inflates beyond the {self.limit} bytes its NIfTI header "
+                        "declares; refused (a .nii.gz holds exactly its header and voxels). "
+                        "Re-export it."
+                    )
                 if self._inflater.eof:
                     data = self._inflater.unused_data
                     self._inflater = None

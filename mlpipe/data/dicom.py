@@ -190,9 +190,9 @@ def load_series(series: DicomSeries, *, dtype: np.dtype | type | None = np.float
 
     columns, rows, count = series.shape
     rescaled = any(r != (1.0, 0.0) for r in series.rescale)
-    kind = np.dtype(dtype) if dtype is not None else np.dtype(np.float32 if rescaled else series.dtype)
+    kind = np.dtype(dtype if dtype is not None else np.float32 if rescaled else series.dtype)
     stack = np.empty((count, rows, columns), dtype=kind)
-    for k, (path, (slope, intercept)) in enumerate(zip(series.files, series.rescale)):
+    for k, (path, (slope, intercept)) in enumerate(zip(series.files, series.rescale, strict=True)):
         try:
             ds = pydicom.dcmread(path)
             pixels = ds.pixel_array
@@ -407,5 +407,11 @@ def _unzip(archive: Path, folder: Path, shown: str, limit: int) -> None:
                                 "refused as a possible zip bomb."
                             )
                         out.write(chunk)
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, NotImplementedError) as exc:
+    except (
+        zipfile.BadZipFile,
+        zipfile.LargeZipFile,
+        OSError,
+        EOFError,
+        NotImplementedError,
+    ) as exc:
         raise DatasetError(f"{shown} is not a readable zip ({exc}). Zip the series again.") from exc
