@@ -119,7 +119,7 @@ def read_header(path: str | os.PathLike[str], *, max_bytes: int | None = None) -
         from mlpipe.data.dicom import open_series
 
         with open_series(path) as series:
-            return _series_header(series)
+            return series_header(series)
     return _open(path, max_bytes)[1]
 
 
@@ -148,7 +148,7 @@ def load_volume(
         from mlpipe.data.dicom import load_series, open_series
 
         with open_series(path) as series:
-            return load_series(series, dtype=dtype), _series_header(series)
+            return load_series(series, dtype=dtype), series_header(series)
     image, header = _open(path, max_bytes)
     if header.path.lower().endswith(".gz"):
         image = _inflate_bounded(header)
@@ -304,7 +304,8 @@ def _inflate_bounded(header: VolumeHeader) -> nib.Nifti1Image:
         raise _translate(name, exc) from exc
 
 
-def _series_header(series: DicomSeries) -> VolumeHeader:
+def series_header(series: DicomSeries) -> VolumeHeader:
+    """The ``VolumeHeader`` of a scanned DICOM series (no pixel read)."""
     affine = np.asarray(series.affine, dtype=float)
     codes = nib.aff2axcodes(affine)
     return VolumeHeader(

@@ -112,6 +112,8 @@ def read_serving_profiles(
             except ValueError:
                 skipped += 1
                 continue
+            if isinstance(entry, dict) and entry.get("profiled") is False:
+                continue  # refused from its header: geometry only, nothing to compare
             if not isinstance(entry, dict) or not _usable(entry):
                 skipped += 1
                 continue
