@@ -353,8 +353,12 @@ def _read_headers(files: Sequence[Path], shown: str) -> tuple[list[SliceInfo], s
     slices: list[SliceInfo] = []
     others: set[str] = set()
     for path in files:
+        # A file without the DICM preamble is read only when named .dcm (old exports).
+        force = path.name.lower().endswith(".dcm")
         try:
-            ds = pydicom.dcmread(path, stop_before_pixels=False, defer_size=256)
+            ds = pydicom.dcmread(path, defer_size=256, force=force)
+            if "SOPClassUID" not in ds:
+                raise InvalidDicomError("no SOP class")
         except (InvalidDicomError, OSError, EOFError, ValueError):
             continue  # not DICOM (a README, Thumbs.db): not part of the series
         except (TypeError, AttributeError, KeyError) as exc:
