@@ -152,7 +152,7 @@ def test_a_duplicated_slice_is_refused(tmp_path):
     ds = pydicom.dcmread(paths[3])
     ds.SOPInstanceUID = pydicom.uid.generate_uid()
     ds.save_as(tmp_path / "s" / "copy_of_3.dcm")
-    with pytest.raises(DatasetError, match="duplicated slice: .* are both at 3.000 mm"):
+    with pytest.raises(DatasetError, match=r"duplicated slice: .* are both at 3.000 mm"):
         scan_series(tmp_path / "s")
 
 
@@ -168,7 +168,7 @@ def test_inconsistent_spacing_and_orientation_are_refused(tmp_path):
     ds = pydicom.dcmread(paths[2])
     ds.ImageOrientationPatient = [1, 0, 0, 0, 0.9950042, 0.0998334]
     ds.save_as(paths[2])
-    with pytest.raises(DatasetError, match="inconsistent orientation: slice_0002.dcm"):
+    with pytest.raises(DatasetError, match=r"inconsistent orientation: slice_0002\.dcm"):
         scan_series(tmp_path / "t")
 
 
