@@ -25,6 +25,13 @@ mtime (git's "racy clean" problem). The cache also keeps what validation needs (
 gzip stream complete), so an unchanged dataset is checked without opening a file. The cache is
 an optimisation only: a broken or locked cache file is rebuilt or skipped, never an error.
 
+A DICOM series folder is one entry: its path is the folder, its size the sum of its files,
+its sha256 one hash over the sorted hashes of its files, so the digest does not change when
+the series is copied or its files renamed, and changes when any slice's bytes change. The
+manifest names the series by a salted hash of its SeriesInstanceUID (``series_key``) and
+lists its file hashes; no patient or study attribute is read into it. Series are hashed on
+every build (the cache keys single files).
+
 Pure library code: no mlflow, no printing; ``progress`` lets the caller show progress.
 """
 
@@ -92,6 +99,9 @@ class FileEntry:
     role: str
     case: str
     split: str
+    series: dict | None = None
+    """For a DICOM series: ``{"key", "slices", "files"}`` (salted UID hash, slice count, sorted
+    file hashes); not part of the digest, which the salt would make machine-dependent."""
 
 
 @dataclass(frozen=True)
@@ -126,7 +136,10 @@ class DatasetInfo:
             "name": self.name,
             "version": self.version,
             "digest": self.digest,
-            "files": [_record(entry) for entry in self.files],
+            "files": [
+                _record(entry) | ({"series": entry.series} if entry.series else {})
+                for entry in self.files
+            ],
         }
 
 
@@ -216,12 +229,18 @@ def _examine_all(
     problems: list[str] = []
     stats: dict[Path, os.stat_result] = {}
     for path in paths:
+        if path.is_dir():
+            continue  # a DICOM series folder: hashed file by file, not cached
         try:
             stats[path] = os.stat(path)
         except OSError as exc:
             listed = f" (listed in {origins[path]})" if path in origins else ""
             reason = "does not exist" if isinstance(exc, FileNotFoundError) else "cannot be read"
             problems.append(f"{path} {reason}{listed}. Check the path.")
+    for path in paths:
+        if path not in stats and not path.is_dir():
+            listed = f" (listed in {origins[path]})" if path in origins else ""
+            problems.append(f"{path} does not exist{listed}. Check the path.")
     _raise_all(problems)
     cache = _HashCache.open(cache_path)
     try:
@@ -253,7 +272,9 @@ def _examine_all(
                 # On Ctrl-C or a bug, drop the queued files instead of hashing them all first.
                 pool.shutdown(wait=True, cancel_futures=True)
             settled = started_ns - _RACY_WINDOW_NS
-            cache.store({str(p): f for p, f in fresh.items() if f.mtime_ns < settled})
+            cache.store(
+                {str(p): f for p, f in fresh.items() if f.mtime_ns < settled and p in stats}
+            )
     finally:
         cache.close()
     _raise_all(sorted(problems))
@@ -263,6 +284,8 @@ def _examine_all(
 
 def _examine(path: Path) -> _Facts:
     """Hash one file and check it is whole: a complete gzip stream, a readable header."""
+    if path.is_dir():
+        return _examine_series(path)
     name = str(path)
     header = read_header(path)  # the header decides first: a hostile size is refused unread
     gz = _GzipCheck(name, header.data_end) if name.lower().endswith(".gz") else None
@@ -299,6 +322,37 @@ def _examine(path: Path) -> _Facts:
         mtime_ns=before.st_mtime_ns,
         sha256=digest.hexdigest(),
         shape=header.shape,
+    )
+
+
+def _examine_series(folder: Path) -> _Facts:
+    """A DICOM series folder: its checked geometry, and one hash over its files' hashes."""
+    from mlpipe.data.dicom import scan_series, series_file_digest, series_files, series_key
+
+    series = scan_series(folder)  # the same refusals as reading it (one series, no gaps...)
+    hashes, size, mtime = {}, 0, 0
+    for file in series_files(folder):
+        digest = hashlib.sha256()
+        try:
+            with open(file, "rb") as stream:
+                while chunk := stream.read(_CHUNK):
+                    digest.update(chunk)
+            stat = os.stat(file)
+        except OSError as exc:
+            raise DatasetError(f"{file} cannot be read: {exc.strerror or exc}.") from exc
+        hashes[file] = digest.hexdigest()
+        size += stat.st_size
+        mtime = max(mtime, stat.st_mtime_ns)
+    return _Facts(
+        size=size,
+        mtime_ns=mtime,
+        sha256=series_file_digest(list(hashes.values())),
+        shape=series.shape,
+        series={
+            "key": series_key(series.series_uid),
+            "slices": len(series.files),
+            "files": sorted(hashes.values()),
+        },
     )
 
 
@@ -408,6 +462,7 @@ def _entries(layout: _Layout, facts: Mapping[Path, _Facts]) -> Iterator[FileEntr
                 role=role,
                 case=pair.case,
                 split=pair.split,
+                series=fact.series,
             )
 
 

@@ -106,15 +106,22 @@ class DicomSeries:
 
 def is_dicom_source(path: str | os.PathLike[str]) -> bool:
     """Whether a path is something this module reads: a ``.zip``, a ``.dcm`` file, or a folder
-    whose first regular file is DICOM (``DICM`` at byte 128, or a ``.dcm`` name)."""
+    whose first file (directly in it, not in a subfolder: a folder of series folders is not
+    a series) is DICOM (``DICM`` at byte 128, or a ``.dcm`` name)."""
     p = Path(path)
     name = p.name.lower()
     if p.is_file():
         return name.endswith((".zip", ".dcm")) or _has_dicm(p)
     if not p.is_dir():
         return False
-    for file in _candidate_files(p):
-        return file.name.lower().endswith(".dcm") or _has_dicm(file)
+    try:
+        entries = sorted(os.scandir(p), key=lambda e: e.name)
+    except OSError:
+        return False
+    for entry in entries:
+        if entry.name.startswith(".") or entry.name.upper() == "DICOMDIR" or not entry.is_file():
+            continue
+        return entry.name.lower().endswith(".dcm") or _has_dicm(Path(entry.path))
     return False
 
 

@@ -35,6 +35,7 @@ class _Facts:
     mtime_ns: int
     sha256: str
     shape: tuple[int, ...]
+    series: dict | None = None  # a DICOM series folder's manifest fields (never cached)
 
 
 def _parse_shape(text: str) -> tuple[int, ...]:
