@@ -158,3 +158,38 @@ def ct_volume(shape=(24, 20, 10), seed: int = 0) -> np.ndarray:
 
 def read_dataset(path: Path) -> pydicom.Dataset:
     return pydicom.dcmread(path)
+
+
+def write_dicom_dataset(
+    root: Path,
+    cases: int = 3,
+    *,
+    shape=(24, 20, 10),
+    affine=None,
+    identifiers: dict[str, str] | None = None,
+) -> Path:
+    """A Decathlon-layout dataset whose images are DICOM series folders (``imagesTr/<case>/``)
+    and whose labels are NIfTI on the same grid (``labelsTr/<case>.nii.gz``)."""
+    import json
+
+    import nibabel as nib
+
+    affine = np.diag([1.5, 1.5, 3.0, 1.0]) if affine is None else affine
+    (root / "labelsTr").mkdir(parents=True, exist_ok=True)
+    for i in range(cases):
+        data = ct_volume(shape, seed=i)
+        write_series(data, affine, root / "imagesTr" / f"case_{i}", identifiers=identifiers)
+        label = (data > 200).astype(np.uint8)
+        nib.save(nib.Nifti1Image(label, affine), root / "labelsTr" / f"case_{i}.nii.gz")
+    (root / "dataset.json").write_text(json.dumps({"name": "dicom-toy", "version": "v1"}))
+    return root
+
+
+def zip_folder(folder: Path, archive: Path) -> Path:
+    """``folder``'s files in a zip under ``series/`` (as a user zips an export)."""
+    import zipfile
+
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as zf:
+        for path in sorted(folder.iterdir()):
+            zf.write(path, f"series/{path.name}")
+    return archive
