@@ -242,3 +242,14 @@ def test_series_key_is_salted_and_stable(monkeypatch):
     a = series_key("1.2.840.1")
     assert a == series_key("1.2.840.1") and len(a) == 16 and "1.2.840" not in a
     assert a != series_key("1.2.840.1", salt="other")
+
+
+def test_compressed_slices_decode_through_pydicom_like_native_ones():
+    native, native_header = load_volume(PYDICOM_FILES / "MR_small.dcm")
+    rle, rle_header = load_volume(PYDICOM_FILES / "MR_small_RLE.dcm")  # decoded by pydicom
+    np.testing.assert_array_equal(native, rle)
+    assert native_header.affine == rle_header.affine
+    with open_series(PYDICOM_FILES / "MR_small.dcm") as series:
+        assert series.pixel_offsets is not None  # read straight from the file
+    with open_series(PYDICOM_FILES / "MR_small_RLE.dcm") as series:
+        assert series.pixel_offsets is None

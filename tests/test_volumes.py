@@ -169,4 +169,3 @@ def test_load_volume_truncated_gzip_names_file_and_fix(tmp_path):
     assert "truncated or corrupt" in message
     assert "Copy or export it again" in message
     assert "gzip stream ends after" in message  # cut short, and said so
-

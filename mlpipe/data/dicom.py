@@ -76,6 +76,11 @@ _HEADER_TAGS = (
 class DicomSeries:
     """A checked series: its files in slice order and its geometry; no pixels read yet.
 
+    ``pixel_offsets`` (where each file's native pixel bytes start, as pydicom found them while
+    reading the headers) lets ``load_series`` read the pixels straight into one array
+    instead of parsing every file a second time; ``None`` for compressed or unusual data,
+    which pydicom decodes slice by slice.
+
     Attributes:
         source: the folder, zip or file as given.
         files: the image files, sorted by position along the slice normal (lowest first).
@@ -97,6 +102,7 @@ class DicomSeries:
     dtype: str
     transfer_syntax: str
     rescale: tuple[tuple[float, float], ...] = field(repr=False)
+    pixel_offsets: tuple[int, ...] | None = field(default=None, repr=False)
 
     @property
     def spacing(self) -> tuple[float, float, float]:
@@ -178,6 +184,12 @@ def scan_series(
         dtype=first.dtype,
         transfer_syntax=first.transfer_syntax,
         rescale=tuple((s.slope, s.intercept) for s in ordered),
+        pixel_offsets=(
+            tuple(s.pixel_offset for s in ordered)  # type: ignore[misc]
+            if all(s.pixel_offset is not None for s in ordered)
+            and len({s.dtype for s in ordered}) == 1
+            else None
+        ),
     )
 
 
@@ -198,6 +210,21 @@ def load_series(series: DicomSeries, *, dtype: np.dtype | type | None = np.float
     columns, rows, count = series.shape
     rescaled = any(r != (1.0, 0.0) for r in series.rescale)
     kind = np.dtype(dtype if dtype is not None else np.float32 if rescaled else series.dtype)
+    if series.pixel_offsets is not None:
+        stored = _read_native(series)
+        if not rescaled:
+            stack = stored.astype(kind, copy=False)
+        elif len(set(series.rescale)) == 1:  # one slope and intercept: one vectorised pass
+            slope, intercept = series.rescale[0]
+            stack = np.multiply(stored, np.float32(slope), dtype=np.float32)
+            stack += np.float32(intercept)
+            stack = stack.astype(kind, copy=False)
+        else:
+            stack = np.empty((count, rows, columns), dtype=kind)
+            for k, (slope, intercept) in enumerate(series.rescale):
+                np.multiply(stored[k], np.float32(slope), out=stack[k], casting="unsafe")
+                stack[k] += np.asarray(intercept, dtype=kind)
+        return stack.transpose(2, 1, 0)
     stack = np.empty((count, rows, columns), dtype=kind)
     for k, (path, (slope, intercept)) in enumerate(zip(series.files, series.rescale, strict=True)):
         try:
@@ -266,6 +293,27 @@ def read_series(
     """Scan and load a series (folder, ``.dcm`` or ``.zip``) in one call."""
     with open_series(path) as series:
         return load_series(series, dtype=dtype), series
+
+
+def _read_native(series: DicomSeries) -> np.ndarray:
+    """Every slice's stored values, read from the offsets the header scan found."""
+    columns, rows, count = series.shape
+    stored = np.empty((count, rows, columns), dtype=np.dtype(series.dtype).newbyteorder("<"))
+    offsets = series.pixel_offsets or ()
+    for k, (path, offset) in enumerate(zip(series.files, offsets, strict=True)):
+        target = memoryview(stored[k]).cast("B")
+        try:
+            with open(path, "rb") as stream:
+                stream.seek(offset)
+                got = stream.readinto(target)
+        except OSError as exc:
+            raise DatasetError(f"{series.source}: {path.name} cannot be read ({exc}).") from exc
+        if got != target.nbytes:
+            raise DatasetError(
+                f"{series.source}: slice {k + 1} ({path.name}) is truncated ({got} of "
+                f"{target.nbytes} pixel bytes). Export the series again."
+            )
+    return stored
 
 
 def source_datasets(series: DicomSeries) -> list:

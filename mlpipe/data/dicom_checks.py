@@ -59,6 +59,10 @@ class SliceInfo:
     slope: float
     intercept: float
     thickness: float | None
+    pixel_offset: int | None = None
+    """Where the native little-endian pixel bytes start in the file, when they can be read
+    straight into an array (uncompressed, whole bytes, no sign bits to fix); else ``None``
+    and pydicom decodes them."""
 
     @classmethod
     def from_dataset(cls, path: Path, ds: Any, shown: str) -> SliceInfo:
@@ -87,6 +91,7 @@ class SliceInfo:
                 slope=float(ds.get("RescaleSlope", 1.0) or 1.0),
                 intercept=float(ds.get("RescaleIntercept", 0.0) or 0.0),
                 thickness=float(thickness) if thickness else None,
+                pixel_offset=_native_offset(ds, bits, signed),
             )
         except (AttributeError, KeyError, ValueError, TypeError, IndexError) as exc:
             raise DatasetError(
@@ -100,6 +105,26 @@ class SliceInfo:
                 "ImageOrientationPatient (expected 3 and 6 numbers)."
             )
         return info
+
+
+_NATIVE_LE = ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1")  # implicit, explicit VR little endian
+
+
+def _native_offset(ds: Any, bits: int, signed: bool) -> int | None:
+    """The pixel data's file offset when pydicom deferred it and it is plain native bytes."""
+    syntax = str(ds.file_meta.get("TransferSyntaxUID", "1.2.840.10008.1.2"))
+    if syntax not in _NATIVE_LE or bits not in (8, 16, 32):
+        return None
+    if int(ds.get("SamplesPerPixel", 1)) != 1 or int(ds.get("NumberOfFrames", 1) or 1) != 1:
+        return None
+    if signed and int(ds.get("BitsStored", bits)) != bits:
+        return None  # pydicom sign-extends values stored in fewer bits: let it
+    raw = ds.get_item(0x7FE00010, keep_deferred=True)
+    tell = getattr(raw, "value_tell", None)
+    expected = int(ds.Rows) * int(ds.Columns) * bits // 8
+    if raw is None or raw.value is not None or tell is None or raw.length != expected:
+        return None
+    return int(tell)
 
 
 def one_series(slices: Sequence[SliceInfo], shown: str, series_uid: str | None) -> list[SliceInfo]:

@@ -99,10 +99,13 @@ def write_dicom_seg(
             "foreground class."
         )
     # Segment numbers must run 1..N; class c becomes segment number rank(c).
-    lookup = np.zeros(max([*numbers, *present, 0]) + 1, dtype=np.uint8)
-    for number, cls in enumerate(numbers, start=1):
-        lookup[cls] = number
-    labels = lookup[frames.astype(np.int64, copy=False)]
+    if numbers == list(range(1, len(numbers) + 1)) and frames.dtype == np.uint8:
+        labels = frames  # already 1..N: no 300-slice copy
+    else:
+        lookup = np.zeros(max([*numbers, *present, 0]) + 1, dtype=np.uint8)
+        for number, cls in enumerate(numbers, start=1):
+            lookup[cls] = number
+        labels = lookup[frames.astype(np.intp, copy=False)]
     identification = hd.AlgorithmIdentificationSequence(
         name=algorithm[:64] or "mlpipe",
         version=(algorithm_version or __version__)[:64],
