@@ -68,29 +68,29 @@ class SliceInfo:
     def from_dataset(cls, path: Path, ds: Any, shown: str) -> SliceInfo:
         """The fields of a pydicom dataset, with a clear error for a missing or bad one."""
         try:
-            position = np.asarray([float(v) for v in ds.ImagePositionPatient], dtype=float)
-            orientation = np.asarray([float(v) for v in ds.ImageOrientationPatient], dtype=float)
-            spacing = [float(v) for v in ds.PixelSpacing]
+            position = np.asarray(_numbers(ds, "ImagePositionPatient"), dtype=float)
+            orientation = np.asarray(_numbers(ds, "ImageOrientationPatient"), dtype=float)
+            spacing = _numbers(ds, "PixelSpacing")
             bits = int(ds.BitsAllocated)
             signed = int(ds.get("PixelRepresentation", 0)) == 1
-            thickness = ds.get("SpacingBetweenSlices") or ds.get("SliceThickness")
+            thickness = _numbers(ds, "SpacingBetweenSlices") or _numbers(ds, "SliceThickness")
             info = cls(
                 path=path,
-                series_uid=str(ds.get("SeriesInstanceUID", "")),
-                modality=str(ds.get("Modality", "")),
-                sop_class=str(getattr(ds.get("SOPClassUID"), "name", ds.get("SOPClassUID"))),
+                series_uid=_text(ds, "SeriesInstanceUID"),
+                modality=_text(ds, "Modality"),
+                sop_class=_text(ds, "SOPClassUID"),
                 transfer_syntax=str(ds.file_meta.get("TransferSyntaxUID", "1.2.840.10008.1.2")),
                 position=position,
                 orientation=orientation,
                 pixel_spacing=(spacing[0], spacing[1]),
                 rows=int(ds.Rows),
                 columns=int(ds.Columns),
-                frames=int(ds.get("NumberOfFrames", 1) or 1),
+                frames=int((_numbers(ds, "NumberOfFrames") or [1])[0] or 1),
                 samples=int(ds.get("SamplesPerPixel", 1)),
                 dtype=f"{'int' if signed else 'uint'}{bits}" if bits in (8, 16, 32) else "float32",
-                slope=float(ds.get("RescaleSlope", 1.0) or 1.0),
-                intercept=float(ds.get("RescaleIntercept", 0.0) or 0.0),
-                thickness=float(thickness) if thickness else None,
+                slope=float((_numbers(ds, "RescaleSlope") or [1.0])[0] or 1.0),
+                intercept=float((_numbers(ds, "RescaleIntercept") or [0.0])[0]),
+                thickness=float(thickness[0]) if thickness and thickness[0] else None,
                 pixel_offset=_native_offset(ds, bits, signed),
             )
         except (AttributeError, KeyError, ValueError, TypeError, IndexError) as exc:
@@ -105,6 +105,37 @@ class SliceInfo:
                 "ImageOrientationPatient (expected 3 and 6 numbers)."
             )
         return info
+
+
+def _numbers(ds: Any, keyword: str) -> list[float] | None:
+    """A DS/IS element's numbers. Read from the raw bytes when pydicom has not converted them:
+    its conversion validates every value, which was half the time of scanning a series."""
+    elem = ds.get_item(keyword, keep_deferred=True)
+    if elem is None:
+        return None
+    value = elem.value
+    if isinstance(value, bytes):  # a raw element: backslash-separated decimal strings
+        parts = value.decode("ascii", "replace").strip(" \0").split("\\")
+        return [float(v) for v in parts if v.strip(" \0")]
+    if value is None or value == "":
+        return None
+    return (
+        [float(v) for v in value]
+        if isinstance(value, (list, tuple))
+        or (hasattr(value, "__iter__") and not isinstance(value, str))
+        else [float(value)]
+    )
+
+
+def _text(ds: Any, keyword: str) -> str:
+    """A UI/CS element's text, from the raw bytes when not converted (as ``_numbers``)."""
+    elem = ds.get_item(keyword, keep_deferred=True)
+    if elem is None or elem.value is None:
+        return ""
+    value = elem.value
+    if isinstance(value, bytes):
+        return value.decode("ascii", "replace").strip(" \0")
+    return str(value)
 
 
 _NATIVE_LE = ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1")  # implicit, explicit VR little endian
@@ -198,23 +229,31 @@ def check_geometry(slices: Sequence[SliceInfo], shown: str) -> tuple[list[SliceI
         The slices in order and the 4x4 voxel-to-RAS affine.
     """
     first = slices[0]
-    for s in slices[1:]:
-        if not np.allclose(s.orientation, first.orientation, atol=ORIENTATION_TOLERANCE):
-            raise DatasetError(
-                f"{shown}: inconsistent orientation: {s.path.name} has ImageOrientationPatient "
-                f"{_fmt(s.orientation)} but {first.path.name} has {_fmt(first.orientation)}. "
-                "A series has one orientation; split it, or export it again."
-            )
-        if (s.rows, s.columns) != (first.rows, first.columns):
-            raise DatasetError(
-                f"{shown}: {s.path.name} is {s.columns}x{s.rows} pixels but {first.path.name} "
-                f"is {first.columns}x{first.rows}; all slices of a series have one size."
-            )
-        if not np.allclose(s.pixel_spacing, first.pixel_spacing, rtol=1e-4, atol=1e-5):
-            raise DatasetError(
-                f"{shown}: inconsistent pixel spacing: {s.path.name} has {s.pixel_spacing} mm, "
-                f"{first.path.name} has {first.pixel_spacing} mm."
-            )
+    orientations = np.array([s.orientation for s in slices])
+    spacings = np.array([s.pixel_spacing for s in slices])
+    sizes = np.array([(s.rows, s.columns) for s in slices])
+    odd_orientation = np.abs(orientations - first.orientation).max(axis=1) > ORIENTATION_TOLERANCE
+    odd_size = (sizes != sizes[0]).any(axis=1)
+    odd_spacing = ~np.isclose(spacings, spacings[0], rtol=1e-4, atol=1e-5).all(axis=1)
+    if odd_orientation.any():
+        s = slices[int(np.argmax(odd_orientation))]
+        raise DatasetError(
+            f"{shown}: inconsistent orientation: {s.path.name} has ImageOrientationPatient "
+            f"{_fmt(s.orientation)} but {first.path.name} has {_fmt(first.orientation)}. "
+            "A series has one orientation; split it, or export it again."
+        )
+    if odd_size.any():
+        s = slices[int(np.argmax(odd_size))]
+        raise DatasetError(
+            f"{shown}: {s.path.name} is {s.columns}x{s.rows} pixels but {first.path.name} "
+            f"is {first.columns}x{first.rows}; all slices of a series have one size."
+        )
+    if odd_spacing.any():
+        s = slices[int(np.argmax(odd_spacing))]
+        raise DatasetError(
+            f"{shown}: inconsistent pixel spacing: {s.path.name} has {s.pixel_spacing} mm, "
+            f"{first.path.name} has {first.pixel_spacing} mm."
+        )
     row_dir, col_dir = first.orientation[:3], first.orientation[3:]
     normal = np.cross(row_dir, col_dir)
     if not np.isclose(np.linalg.norm(normal), 1.0, atol=1e-3):
