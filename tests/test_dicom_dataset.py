@@ -97,3 +97,39 @@ def test_drift_finds_series_folders_not_their_parents(dicom_data):
     found = find_images(dicom_data)
     assert [p.name for p in found] == ["case_0", "case_1"]
     assert find_images(dicom_data / "imagesTr/case_0") == [dicom_data / "imagesTr/case_0"]
+
+
+def _seg_label(image_folder, path, *, mask_from=None):
+    """A DICOM SEG drawn on ``image_folder`` (class 1 where the volume is > 200 HU)."""
+    from mlpipe.data.dicom import load_series, open_series, source_datasets
+    from mlpipe.inference.dicom_seg import mask_on_source, write_dicom_seg
+
+    with open_series(image_folder) as series:
+        volume = load_series(series) if mask_from is None else mask_from
+        mask = (volume > 200).astype(np.uint8)
+        frames = mask_on_source(mask, series.affine, series.affine)
+        write_dicom_seg(frames, source_datasets(series), {1: "bone"}, path)
+    return mask
+
+
+def test_dicom_seg_labels_are_placed_on_their_series(dicom_data):
+    nifti_profile = profile_dataset(build_manifest(dicom_data, cache=False))
+    for case in ("case_0", "case_1"):
+        (dicom_data / "labelsTr" / f"{case}.nii.gz").unlink()
+        _seg_label(dicom_data / "imagesTr" / case, dicom_data / "labelsTr" / f"{case}.dcm")
+
+    info = build_manifest(dicom_data, cache=False)
+    assert [p.label.name for p in info.pairs] == ["case_0.dcm", "case_1.dcm"]
+    seg_profile = profile_dataset(info)
+    for nifti, seg in zip(nifti_profile["volumes"], seg_profile["volumes"], strict=True):
+        assert seg["label_fractions"] == nifti["label_fractions"]
+    manifest = json.dumps(info.manifest())
+    for value in PLANTED.values():  # the SEG carries them; the manifest must not
+        assert value not in manifest
+
+
+def test_a_dicom_seg_of_another_series_is_refused(dicom_data):
+    (dicom_data / "labelsTr" / "case_0.nii.gz").unlink()
+    _seg_label(dicom_data / "imagesTr" / "case_1", dicom_data / "labelsTr" / "case_0.dcm")
+    with pytest.raises(DatasetError, match="segments another series than its image"):
+        build_manifest(dicom_data, cache=False)

@@ -48,6 +48,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mlpipe.core.errors import DatasetError
+from mlpipe.data.dicom_labels import is_seg_file, load_seg_label
 from mlpipe.data.hash_cache import (
     _RACY_WINDOW_NS,
     CACHE_ENV,
@@ -273,7 +274,11 @@ def _examine_all(
                 pool.shutdown(wait=True, cancel_futures=True)
             settled = started_ns - _RACY_WINDOW_NS
             cache.store(
-                {str(p): f for p, f in fresh.items() if f.mtime_ns < settled and p in stats}
+                {
+                    str(p): f
+                    for p, f in fresh.items()
+                    if f.mtime_ns < settled and p in stats and f.shape
+                }
             )
     finally:
         cache.close()
@@ -287,6 +292,9 @@ def _examine(path: Path) -> _Facts:
     if path.is_dir():
         return _examine_series(path)
     name = str(path)
+    if name.lower().endswith(".dcm") and is_seg_file(path):
+        # A DICOM SEG label: placed on its image in _check_shapes (it has no grid of its own).
+        return _hash_only(path)
     header = read_header(path)  # the header decides first: a hostile size is refused unread
     gz = _GzipCheck(name, header.data_end) if name.lower().endswith(".gz") else None
     digest = hashlib.sha256()
@@ -323,6 +331,18 @@ def _examine(path: Path) -> _Facts:
         sha256=digest.hexdigest(),
         shape=header.shape,
     )
+
+
+def _hash_only(path: Path) -> _Facts:
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as stream:
+            while chunk := stream.read(_CHUNK):
+                digest.update(chunk)
+        stat = os.stat(path)
+    except OSError as exc:
+        raise DatasetError(f"{path} cannot be read: {exc.strerror or exc}.") from exc
+    return _Facts(size=stat.st_size, mtime_ns=stat.st_mtime_ns, sha256=digest.hexdigest(), shape=())
 
 
 def _examine_series(folder: Path) -> _Facts:
@@ -435,6 +455,12 @@ def _check_shapes(pairs: Sequence[Pair], facts: Mapping[Path, _Facts]) -> None:
         if pair.label is None:
             continue
         label_shape = facts[pair.label].shape
+        if not label_shape:  # a DICOM SEG: placed on its image series, which checks it
+            try:
+                label_shape = load_seg_label(pair.label, pair.image)[0].shape
+            except DatasetError as exc:
+                problems.append(str(exc))
+                continue
         if len(label_shape) != 3:
             problems.append(
                 f"Label {pair.label} has shape {_shape(label_shape)}; a label must be 3D (one "

@@ -50,13 +50,19 @@ def _raise_all(problems: Sequence[str]) -> None:
 _PLAIN_NAME = re.compile(r"^(?P<case>.+)_(?P<role>image|label)\.nii(?:\.gz)?$", re.IGNORECASE)
 
 
+_PLAIN_SEG = re.compile(r"^(?P<case>.+)_(?P<role>label)\.dcm$", re.IGNORECASE)
+"""A DICOM SEG label in a plain layout: ``<case>_label.dcm``."""
+
+
 _PLAIN_SERIES = re.compile(r"^(?P<case>.+)_(?P<role>image)$", re.IGNORECASE)
 """A DICOM series folder in a plain layout: ``<case>_image/``."""
 
 
 def _plain_match(path: Path) -> re.Match[str] | None:
-    return _PLAIN_NAME.match(path.name) or (
-        _PLAIN_SERIES.match(path.name) if path.is_dir() else None
+    return (
+        _PLAIN_NAME.match(path.name)
+        or _PLAIN_SEG.match(path.name)
+        or (_PLAIN_SERIES.match(path.name) if path.is_dir() else None)
     )
 
 
@@ -166,6 +172,8 @@ def _volumes_by_case(folder: Path, problems: list[str]) -> dict[str, Path]:
             case = entry.name  # a DICOM series folder: imagesTr/<case>/
         elif is_volume(entry.name):
             case = _strip_suffix(entry.name)
+        elif entry.name.lower().endswith(".dcm"):
+            case = entry.name[: -len(".dcm")]  # a DICOM SEG label (or a one-slice image)
         else:
             continue
         if case in found:
@@ -227,7 +235,7 @@ def _walk_volumes(root: Path) -> Iterator[Path]:
         dirs[:] = [d for d in dirs if d not in series]  # a series folder is one volume
         yield from (Path(folder) / d for d in series)
         for name in sorted(files):
-            if not name.startswith(".") and is_volume(name):
+            if not name.startswith(".") and (is_volume(name) or _PLAIN_SEG.match(name)):
                 yield Path(folder) / name
 
 
