@@ -253,3 +253,35 @@ def test_compressed_slices_decode_through_pydicom_like_native_ones():
         assert series.pixel_offsets is not None  # read straight from the file
     with open_series(PYDICOM_FILES / "MR_small_RLE.dcm") as series:
         assert series.pixel_offsets is None
+
+
+def test_seg_for_series_writes_a_nifti_mask_over_its_series(tmp_path):
+    from mlpipe.inference.dicom_seg import seg_for_series
+
+    data, affine = ct_volume(), oblique_affine()
+    write_series(data, affine, tmp_path / "s", shuffle=True)
+    volume, header = load_volume(tmp_path / "s")
+    mask = (volume > 200).astype(np.uint8)
+    nib.save(nib.Nifti1Image(mask, np.asarray(header.affine)), tmp_path / "case_mask.nii.gz")
+
+    out = seg_for_series(
+        tmp_path / "case_mask.nii.gz",
+        tmp_path / "s",
+        tmp_path / "out" / "case_seg.dcm",
+        class_names={1: "bone"},
+        algorithm="seg3d",
+        algorithm_version="7",
+    )
+
+    seg = hd.seg.segread(out)
+    assert seg.SegmentSequence[0].SegmentLabel == "bone"
+    assert seg.SegmentSequence[0].SegmentAlgorithmName == "seg3d"
+    with open_series(tmp_path / "s") as series:
+        uids = [ds.SOPInstanceUID for ds in source_datasets(series)]
+    back = seg.get_pixels_by_source_instance(
+        source_sop_instance_uids=uids, combine_segments=True, skip_overlap_checks=True
+    )
+    np.testing.assert_array_equal(back, mask.transpose(2, 1, 0))
+    nib.save(nib.Nifti1Image(mask, np.eye(4)), tmp_path / "other.nii.gz")
+    with pytest.raises(UsageError, match="not on the source series' voxel grid"):
+        seg_for_series(tmp_path / "other.nii.gz", tmp_path / "s", tmp_path / "x.dcm")

@@ -685,6 +685,9 @@ def test_segment_accepts_a_zipped_series_like_its_nifti(client, tmp_path):
     recorded = ProfileLog(client.state.profile_file).read()
     assert [p["image"] for p in recorded] == ["ct_7.zip", "same.nii.gz"]
     assert recorded[0]["intensity"] == recorded[1]["intensity"]
+    series = recorded[0]["series"]  # named by hashes only, never by a header attribute
+    assert series["slices"] == TRAIN_SHAPE[2] and len(series["key"]) == 16
+    assert len(series["files_sha256"]) == 64 and "series" not in recorded[1]
 
 
 def test_segment_format_dicom_seg_answers_a_seg_over_the_source_slices(client, tmp_path):

@@ -143,6 +143,51 @@ def write_dicom_seg(
     return seg
 
 
+def seg_for_series(
+    mask_path: str | os.PathLike[str],
+    series_path: str | os.PathLike[str],
+    path: str | os.PathLike[str],
+    *,
+    class_names: Mapping[int, str] | None = None,
+    algorithm: str = "mlpipe",
+    algorithm_version: str = "",
+) -> Path:
+    """A NIfTI mask predicted from a series, written as DICOM SEG over that series: what batch
+    inference calls after the model wrote ``<case>_mask.nii.gz`` for a series input.
+
+    Args:
+        mask_path: the mask NIfTI, on the grid ``mlpipe.data.dicom`` read the series to.
+        series_path: the source series (folder, ``.zip`` or ``.dcm``).
+        path: the SEG file to write.
+        class_names: class index -> name [default: ``class <c>`` for each class present].
+        algorithm, algorithm_version: recorded in each segment (model name and version).
+
+    Returns:
+        ``path``.
+
+    Raises:
+        UsageError: the mask is not on the series' grid, or a class has no name.
+        DatasetError: the series or the mask cannot be read.
+    """
+    from mlpipe.data.dicom import open_series, source_datasets
+    from mlpipe.data.volumes import load_volume
+
+    mask, header = load_volume(mask_path, dtype=np.uint8)
+    with open_series(series_path) as series:
+        frames = mask_on_source(mask, np.asarray(header.affine), series.affine)
+        present = sorted(int(c) for c in np.unique(frames) if c)
+        names = dict(class_names) if class_names else class_names_for(present)
+        write_dicom_seg(
+            frames,
+            source_datasets(series),
+            names,
+            path,
+            algorithm=algorithm,
+            algorithm_version=algorithm_version,
+        )
+    return Path(path)
+
+
 def class_names_for(classes: Sequence[int], names: Mapping[str, str] | None = None) -> dict:
     """Names for foreground classes: given ones (keys as strings, as in a Decathlon
     ``dataset.json`` ``labels``) or ``class <c>``."""

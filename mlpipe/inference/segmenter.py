@@ -187,7 +187,9 @@ class Segmenter:
                     with self._slots:
                         path = raw.with_name("series.nii")
                         nib.save(nib.Nifti1Image(load_series(series), series.affine), path)
-                        result = self._profile_and_predict(path, header, name, request_id)
+                        result = self._profile_and_predict(
+                            path, header, name, request_id, {"series": _series_record(series)}
+                        )
                         if output != "dicom-seg":
                             return result
                         return self._as_dicom_seg(result, series, source_datasets(series))
@@ -268,13 +270,14 @@ class Segmenter:
             self._in_flight += 1
 
     def _profile_and_predict(
-        self, path: Path, header: Any, name: str, request_id: str
+        self, path: Path, header: Any, name: str, request_id: str, extra: dict | None = None
     ) -> Segmentation:
         try:
             entry = profile_volume(path)
         except DatasetError as exc:
             raise InputRejected(400, scrub_path(str(exc), path, name)) from None
         entry["image"] = name
+        entry.update(extra or {})
         out = self._predict(path, name)
         self._record(entry, request_id, "served")
         return out
@@ -315,3 +318,24 @@ class Segmenter:
             "outcome": outcome,
         }
         self.profiles.append(entry)
+
+
+def _series_record(series: Any) -> dict:
+    """How a served series is named in the profile record: a salted hash of its
+    SeriesInstanceUID and one hash over its files' hashes; never a header attribute."""
+    import hashlib
+
+    from mlpipe.data.dicom import series_file_digest, series_key
+
+    hashes = []
+    for file in series.files:
+        digest = hashlib.sha256()
+        with open(file, "rb") as stream:
+            while chunk := stream.read(1 << 20):
+                digest.update(chunk)
+        hashes.append(digest.hexdigest())
+    return {
+        "key": series_key(series.series_uid),
+        "slices": len(series.files),
+        "files_sha256": series_file_digest(hashes),
+    }
