@@ -847,3 +847,22 @@ def test_patient_identifiers_never_reach_tracking_logs_or_records(
             ]
             in_text = any(needle.encode() in hay for hay in haystacks[len(scanned) :])
             assert not leaks and not in_text, f"{key} {needle!r} leaked into {leaks or 'logs'}"
+
+
+def test_drift_over_a_folder_of_bad_series_exits_2_with_the_reason(logged, tmp_path, monkeypatch):
+    from tests.dicom_factory import write_series
+
+    folder = tmp_path / "incoming" / "mixed"
+    affine = np.diag([*TRAIN_SPACING, 1.0])
+    write_series(_hu_volume(), affine, folder, series_uid="1.2.826.0.1.1")
+    write_series(_hu_volume()[:, :, :5], affine, tmp_path / "b", series_uid="1.2.826.0.1.2")
+    for path in (tmp_path / "b").iterdir():
+        path.rename(folder / f"b_{path.name}")
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(
+        cli,
+        ["drift", f"models:/{MODEL}/1", str(tmp_path / "incoming"), "--tracking-uri", logged.uri],
+    )
+    assert result.exit_code == 2, result.output
+    assert "holds 2 series, expected one: 1.2.826.0.1.1 (24 slices, CT)" in result.output
+    assert "Traceback" not in result.output
