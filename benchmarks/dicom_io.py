@@ -9,6 +9,8 @@ volume (``.nii``, int16, uncompressed) into a temporary folder. Then, round by r
 * ``mlpipe``: ``mlpipe.data.volumes.load_volume(series_folder)``: scan the headers, check the
   geometry, decode, rescale to float32 HU (what datasets, profiles, drift and serve call);
 * ``nibabel``: ``load_volume(x.nii)``: the same float32 HU array from the NIfTI;
+* ``mlpipe_headers_only``: ``scan_series`` alone (parse 300 headers, check the geometry), the
+  part of ``mlpipe`` that reading one NIfTI does not have;
 * ``monai``: MONAI's ``PydicomReader`` + ``get_data`` on the same folder, for reference (it
   sorts by InstanceNumber; its array is checked for equal shape only).
 
@@ -32,7 +34,7 @@ from _common import emit, machine, median, summary, versions
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mlpipe.data.dicom import open_series, source_datasets
+from mlpipe.data.dicom import open_series, scan_series, source_datasets
 from mlpipe.data.volumes import load_volume
 from mlpipe.inference.dicom_seg import mask_on_source, write_dicom_seg
 from tests.dicom_factory import write_series
@@ -69,6 +71,7 @@ def main() -> None:
         readers = {
             "mlpipe": lambda: load_volume(series)[0],
             "nibabel": lambda: load_volume(nifti)[0],
+            "mlpipe_headers_only": lambda: scan_series(series).shape,
         }
         if not args.no_monai:
             from monai.data import PydicomReader
@@ -88,7 +91,7 @@ def main() -> None:
                 times[name].append(time.perf_counter() - began)
                 if name == "mlpipe" and not np.array_equal(array, reference):
                     raise SystemExit("the series does not read back equal to its NIfTI")
-                if name == "monai" and tuple(array.shape) != reference.shape:
+                if name == "monai" and tuple(array.shape) != reference.shape:  # type: ignore[union-attr]
                     raise SystemExit(f"MONAI read shape {array.shape}")
                 del array
         mask = np.zeros(data.shape, dtype=np.uint8)

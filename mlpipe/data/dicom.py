@@ -216,8 +216,11 @@ def load_series(series: DicomSeries, *, dtype: np.dtype | type | None = np.float
             stack = stored.astype(kind, copy=False)
         elif len(set(series.rescale)) == 1:  # one slope and intercept: one vectorised pass
             slope, intercept = series.rescale[0]
-            stack = np.multiply(stored, np.float32(slope), dtype=np.float32)
-            stack += np.float32(intercept)
+            if slope == 1.0:  # CT: HU = stored + intercept, one pass over the voxels
+                stack = np.add(stored, np.float32(intercept), dtype=np.float32)
+            else:
+                stack = np.multiply(stored, np.float32(slope), dtype=np.float32)
+                stack += np.float32(intercept)
             stack = stack.astype(kind, copy=False)
         else:
             stack = np.empty((count, rows, columns), dtype=kind)
