@@ -176,7 +176,7 @@ class Segmenter:
         from mlpipe.data.volumes import series_header
 
         try:
-            with open_series(raw, shown=name, max_unpacked=2 * self.max_volume_bytes) as series:
+            with open_series(raw, shown=name, max_unpacked=self.max_volume_bytes) as series:
                 header = series_header(series)
                 columns, rows, count = series.shape
                 if columns * rows * count * 4 > self.max_volume_bytes:
