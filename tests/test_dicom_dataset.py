@@ -133,3 +133,32 @@ def test_a_dicom_seg_of_another_series_is_refused(dicom_data):
     _seg_label(dicom_data / "imagesTr" / "case_1", dicom_data / "labelsTr" / "case_0.dcm")
     with pytest.raises(DatasetError, match="segments another series than its image"):
         build_manifest(dicom_data, cache=False)
+
+
+def test_series_facts_come_from_the_hash_cache_until_a_slice_changes(
+    dicom_data, tmp_path, monkeypatch
+):
+    import os
+    import time
+
+    import mlpipe.data.dataset as dataset
+
+    hour_ago = time.time_ns() - 3_600 * 10**9
+    for path in sorted(dicom_data.rglob("*"), reverse=True):  # files before their folders
+        os.utime(path, ns=(hour_ago, hour_ago))
+    cache = tmp_path / "cache" / "hashes.sqlite"
+    first = build_manifest(dicom_data, cache=cache)
+
+    def not_again(folder):
+        raise AssertionError(f"{folder} was read again although unchanged")
+
+    monkeypatch.setattr(dataset, "_examine_series", not_again)
+    second = build_manifest(dicom_data, cache=cache)
+    assert second.digest == first.digest and second.manifest() == first.manifest()
+
+    monkeypatch.undo()
+    victim = sorted((dicom_data / "imagesTr/case_0").iterdir())[2]
+    ds = pydicom.dcmread(victim)
+    ds.PixelData = (ds.pixel_array + 1).astype(ds.pixel_array.dtype).tobytes()
+    ds.save_as(victim)
+    assert build_manifest(dicom_data, cache=cache).digest != first.digest

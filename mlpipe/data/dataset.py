@@ -29,8 +29,9 @@ A DICOM series folder is one entry: its path is the folder, its size the sum of 
 its sha256 one hash over the sorted hashes of its files, so the digest does not change when
 the series is copied or its files renamed, and changes when any slice's bytes change. The
 manifest names the series by a salted hash of its SeriesInstanceUID (``series_key``) and
-lists its file hashes; no patient or study attribute is read into it. Series are hashed on
-every build (the cache keys single files).
+lists its file hashes; no patient or study attribute is read into it. The cache keys a
+series by its folder, its files' total size and the newest mtime among its files and the
+folder itself (adding, removing or renaming a file changes the folder's mtime).
 
 Pure library code: no mlflow, no printing; ``progress`` lets the caller show progress.
 """
@@ -228,24 +229,19 @@ def _examine_all(
     fails, so that one error lists all bad files and the good ones are cached for the rerun.
     """
     problems: list[str] = []
-    stats: dict[Path, os.stat_result] = {}
+    stats: dict[Path, tuple[int, int]] = {}
     for path in paths:
-        if path.is_dir():
-            continue  # a DICOM series folder: hashed file by file, not cached
         try:
-            stats[path] = os.stat(path)
+            # A DICOM series folder is keyed by its files' total size and newest mtime.
+            stats[path] = _series_stat(path) if path.is_dir() else _file_stat(path)
         except OSError as exc:
             listed = f" (listed in {origins[path]})" if path in origins else ""
             reason = "does not exist" if isinstance(exc, FileNotFoundError) else "cannot be read"
             problems.append(f"{path} {reason}{listed}. Check the path.")
-    for path in paths:
-        if path not in stats and not path.is_dir():
-            listed = f" (listed in {origins[path]})" if path in origins else ""
-            problems.append(f"{path} does not exist{listed}. Check the path.")
     _raise_all(problems)
     cache = _HashCache.open(cache_path)
     try:
-        facts = cache.lookup({str(p): (s.st_size, s.st_mtime_ns) for p, s in stats.items()})
+        facts = cache.lookup({str(p): key for p, key in stats.items()})
         found = {Path(p): f for p, f in facts.items()}
         missing = [p for p in paths if p not in found]
         done, total = len(found), len(paths)
@@ -273,13 +269,7 @@ def _examine_all(
                 # On Ctrl-C or a bug, drop the queued files instead of hashing them all first.
                 pool.shutdown(wait=True, cancel_futures=True)
             settled = started_ns - _RACY_WINDOW_NS
-            cache.store(
-                {
-                    str(p): f
-                    for p, f in fresh.items()
-                    if f.mtime_ns < settled and p in stats and f.shape
-                }
-            )
+            cache.store({str(p): f for p, f in fresh.items() if f.mtime_ns < settled and f.shape})
     finally:
         cache.close()
     _raise_all(sorted(problems))
@@ -333,6 +323,24 @@ def _examine(path: Path) -> _Facts:
     )
 
 
+def _file_stat(path: Path) -> tuple[int, int]:
+    stat = os.stat(path)
+    return stat.st_size, stat.st_mtime_ns
+
+
+def _series_stat(folder: Path) -> tuple[int, int]:
+    """A series folder's cache key: total size of its files, and the newest mtime of its files
+    and of the folder itself (which changes when a file is added, removed or renamed)."""
+    from mlpipe.data.dicom import series_files
+
+    size, mtime = 0, os.stat(folder).st_mtime_ns
+    for file in series_files(folder):
+        stat = os.stat(file)
+        size += stat.st_size
+        mtime = max(mtime, stat.st_mtime_ns)
+    return size, mtime
+
+
 def _hash_only(path: Path) -> _Facts:
     digest = hashlib.sha256()
     try:
@@ -350,19 +358,25 @@ def _examine_series(folder: Path) -> _Facts:
     from mlpipe.data.dicom import scan_series, series_file_digest, series_files, series_key
 
     series = scan_series(folder)  # the same refusals as reading it (one series, no gaps...)
-    hashes, size, mtime = {}, 0, 0
+    try:
+        size, mtime = _series_stat(folder)
+    except OSError as exc:
+        raise DatasetError(f"{folder} cannot be read: {exc.strerror or exc}.") from exc
+    hashes = {}
     for file in series_files(folder):
         digest = hashlib.sha256()
         try:
             with open(file, "rb") as stream:
                 while chunk := stream.read(_CHUNK):
                     digest.update(chunk)
-            stat = os.stat(file)
         except OSError as exc:
             raise DatasetError(f"{file} cannot be read: {exc.strerror or exc}.") from exc
         hashes[file] = digest.hexdigest()
-        size += stat.st_size
-        mtime = max(mtime, stat.st_mtime_ns)
+    if _series_stat(folder) != (size, mtime):
+        raise DatasetError(
+            f"{folder} changed while it was being read. Wait until whatever writes it has "
+            "finished, then try again."
+        )
     return _Facts(
         size=size,
         mtime_ns=mtime,
