@@ -49,28 +49,6 @@ SALT_ENV = "MLPIPE_DICOM_SALT"
 ZIP_MAX_MEMBERS = 5000
 """A zipped series holds at most this many files (a CT has a few hundred to a thousand)."""
 
-_HEADER_TAGS = (
-    "SOPClassUID",
-    "SOPInstanceUID",
-    "SeriesInstanceUID",
-    "Modality",
-    "ImagePositionPatient",
-    "ImageOrientationPatient",
-    "PixelSpacing",
-    "Rows",
-    "Columns",
-    "BitsAllocated",
-    "PixelRepresentation",
-    "SamplesPerPixel",
-    "NumberOfFrames",
-    "SliceThickness",
-    "SpacingBetweenSlices",
-    "RescaleSlope",
-    "RescaleIntercept",
-    "InstanceNumber",
-    "PixelData",
-)
-
 
 @dataclass(frozen=True)
 class DicomSeries:
