@@ -172,10 +172,10 @@ def one_series(slices: Sequence[SliceInfo], shown: str, series_uid: str | None) 
         return groups[series_uid]
     if len(groups) == 1:
         return list(slices)
+    ranked = sorted(groups.items(), key=lambda kv: -len(kv[1]))
     listed = "; ".join(
-        f"{uid} ({len(group)} slices, {group[0].modality or '?'})"
-        for uid, group in sorted(groups.items(), key=lambda kv: -len(kv[1]))
-    )
+        f"{uid} ({len(group)} slices, {group[0].modality or '?'})" for uid, group in ranked[:10]
+    ) + (f"; and {len(ranked) - 10} more" if len(ranked) > 10 else "")
     raise DatasetError(
         f"{shown} holds {len(groups)} series, expected one: {listed}. Move the files of one "
         "series into a folder of its own (each file's SeriesInstanceUID (0020,000E) says which "
