@@ -285,3 +285,28 @@ def test_seg_for_series_writes_a_nifti_mask_over_its_series(tmp_path):
     nib.save(nib.Nifti1Image(mask, np.eye(4)), tmp_path / "other.nii.gz")
     with pytest.raises(UsageError, match="not on the source series' voxel grid"):
         seg_for_series(tmp_path / "other.nii.gz", tmp_path / "s", tmp_path / "x.dcm")
+
+
+@pytest.mark.parametrize("reader", ["instance", "dotted"])
+def test_monai_load_image_reads_a_series_like_its_nifti(tmp_path, reader):
+    from monai.transforms import LoadImaged
+
+    from mlpipe.data.monai_reader import DicomSeriesReader
+
+    data, affine = ct_volume(), oblique_affine()
+    write_series(data, affine, tmp_path / "s", shuffle=True, reverse_instance_numbers=True)
+    label = tmp_path / "label.nii.gz"
+    nib.save(nib.Nifti1Image((data > 200).astype(np.uint8), affine), label)
+    chosen = (
+        DicomSeriesReader()
+        if reader == "instance"
+        else "mlpipe.data.monai_reader.DicomSeriesReader"
+    )
+    load = LoadImaged(keys=["image", "label"], reader=chosen, image_only=True)
+
+    item = load({"image": str(tmp_path / "s"), "label": str(label)})  # label: MONAI's NIfTI reader
+
+    np.testing.assert_array_equal(np.asarray(item["image"]), data)
+    np.testing.assert_allclose(np.asarray(item["image"].affine), affine, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(item["label"].affine), affine, atol=1e-4)
+    np.testing.assert_array_equal(np.asarray(item["label"]) == 1, data > 200)
