@@ -21,7 +21,6 @@ Pure library code: no mlflow, no printing.
 from __future__ import annotations
 
 import gzip
-import io
 import os
 import zlib
 from dataclasses import dataclass
@@ -50,7 +49,8 @@ _NIFTI2_HEADER_BYTES = 540
 MAX_VOLUME_BYTES = 16 * 1024**3
 """Absolute limit on the voxel bytes a header may declare (a 2048^3 float32 volume is 32 GiB)."""
 _MAX_VOX_OFFSET = 64 * 1024**2  # header extensions beyond this are not a medical volume
-_INFLATE_CHUNK = 1 << 24
+_INFLATE_CHUNK = 1 << 20  # compressed bytes per read: small, so unconsumed tails stay small
+_INFLATE_OUT = 1 << 26  # most bytes one decompress call may produce
 _RECOPY = "Copy or export it again from its source (check the download finished)."
 _READ_ERRORS = (ImageFileError, HeaderDataError, OSError, EOFError, zlib.error, ValueError)
 """What nibabel, gzip and zlib raise for a bad file; anything else is a bug and stays one."""
@@ -150,10 +150,11 @@ def load_volume(
         with open_series(path) as series:
             return load_series(series, dtype=dtype), series_header(series)
     image, header = _open(path, max_bytes)
-    if header.path.lower().endswith(".gz"):
-        image = _inflate_bounded(header)
     try:
-        data = np.asanyarray(image.dataobj)
+        if header.path.lower().endswith(".gz"):
+            data = _scaled(image, _inflate_bounded(header))
+        else:
+            data = np.asanyarray(image.dataobj)
     except _READ_ERRORS as exc:
         raise _translate(header.path, exc) from exc
     if dtype is not None:
@@ -257,16 +258,19 @@ def _check_declared(name: str, max_bytes: int | None) -> None:
         )
 
 
-def _inflate_bounded(header: VolumeHeader) -> nib.Nifti1Image:
-    """The ``.nii.gz`` decompressed to exactly its declared size, never further.
+def _inflate_bounded(header: VolumeHeader) -> memoryview:
+    """The ``.nii.gz`` decompressed into one buffer of exactly its declared size, never further.
 
     nibabel would stop at the declared size too, but would accept a stream that holds more;
     here it is refused after at most one byte beyond the header's promise is inflated (a
     zip-bomb body is cut off at once). Several gzip members and zero padding are accepted, as
-    Python's ``gzip`` accepts them.
+    Python's ``gzip`` accepts them. The buffer is allocated once from the declared size (which
+    ``_check_declared`` bounded), and the voxels are a view of it: no copy beyond zlib's output.
     """
     name, limit = header.path, header.data_end
-    out = bytearray()
+    out = bytearray(limit)
+    view = memoryview(out)
+    filled = 0
     inflater: zlib._Decompress | None = zlib.decompressobj(16 + zlib.MAX_WBITS)
     data = b""
     try:
@@ -281,27 +285,43 @@ def _inflate_bounded(header: VolumeHeader) -> nib.Nifti1Image:
                     if not data:
                         continue
                     inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
-                out += inflater.decompress(data, limit + 1 - len(out))
-                if len(out) > limit:
+                chunk = inflater.decompress(data, min(limit + 1 - filled, _INFLATE_OUT))
+                if filled + len(chunk) > limit:
                     raise DatasetError(
                         f"{name} inflates beyond the {limit} bytes its header declares; refused "
                         "(a .nii.gz holds exactly its header and voxels). Re-export it."
                     )
+                view[filled : filled + len(chunk)] = chunk
+                filled += len(chunk)
                 if inflater.eof:
                     data, inflater = inflater.unused_data, None
                 else:
                     data = inflater.unconsumed_tail
     except zlib.error as exc:
         raise _translate(name, exc) from exc
-    if inflater is not None or len(out) < limit:
+    if inflater is not None or filled < limit:
         raise DatasetError(
             f"{name} is truncated or corrupt: its header promises {limit} bytes of NIfTI data but "
-            f"the gzip stream ends after {len(out)}. {_RECOPY}"
+            f"the gzip stream ends after {filled}. {_RECOPY}"
         )
-    try:
-        return nib.Nifti1Image.from_stream(io.BytesIO(out))
-    except _READ_ERRORS as exc:
-        raise _translate(name, exc) from exc
+    return view
+
+
+def _scaled(image: nib.Nifti1Image, raw: memoryview) -> np.ndarray:
+    """The voxels of ``raw`` (the whole uncompressed file) as nibabel's proxy would give them:
+    the header's dtype and shape (Fortran order), its slope and intercept applied."""
+    proxy = image.dataobj
+    shape = tuple(proxy.shape)
+    dtype = np.dtype(proxy.dtype)
+    count = int(np.prod(shape, dtype=np.int64))
+    data = np.frombuffer(raw, dtype=dtype, count=count, offset=int(proxy.offset))
+    data = data.reshape(shape, order="F")
+    slope, inter = float(proxy.slope), float(proxy.inter)
+    if (slope, inter) == (1.0, 0.0) or not (np.isfinite(slope) and np.isfinite(inter)):
+        return data
+    from nibabel.volumeutils import apply_read_scaling
+
+    return apply_read_scaling(data, slope, inter)
 
 
 def series_header(series: DicomSeries) -> VolumeHeader:
