@@ -38,6 +38,7 @@ BENCHMARKS: list[tuple[str, list[str], int]] = [
     ),
     ("artifact_upload", ["--size-mb", "200", "--repeats", "5"], 300),
     ("serving", ["--requests", "200", "--concurrency", "8"], 300),
+    ("dicom_io", ["--repeats", "5"], 420),
 ]
 """Sized for the 2-core development machine. On a GPU, ``benchmarks/gpu.sh`` runs the large one."""
 

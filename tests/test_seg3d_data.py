@@ -329,3 +329,37 @@ def test_preprocess_replaces_its_output_and_refuses_foreign_folders(tmp_path, ra
     assert build_manifest(out).version != first
     assert not (out / "imagesTr" / "stale.nii.gz").exists()
     assert [name for name in os.listdir(tmp_path) if name.startswith(".")] == []  # no temporaries
+
+
+def test_seg3d_chain_reads_a_dicom_series_as_its_nifti(tmp_path):
+    """An image that is a DICOM series goes through seg3d's chain as the NIfTI of the same
+    data does: same tensor, same affine after RAS and resampling."""
+    import nibabel as nib
+    from monai.transforms import Compose
+
+    from seg3d.config import TrainConfig
+    from seg3d.transforms import base_transforms
+    from tests.dicom_factory import ct_volume, write_series
+
+    # LPS-stored like a scanner's, InstanceNumbers reversed: Orientationd must flip x and y.
+    data, affine = ct_volume((24, 20, 10)), np.diag([-0.8, -0.9, 2.5, 1.0])
+    write_series(data, affine, tmp_path / "series", shuffle=True, reverse_instance_numbers=True)
+    nib.save(nib.Nifti1Image(data, affine), tmp_path / "same.nii.gz")
+    label = (data > 200).astype(np.uint8)
+    nib.save(nib.Nifti1Image(label, affine), tmp_path / "label.nii.gz")
+    chain = Compose(base_transforms(TrainConfig(spacing=(1.5, 1.5, 3.0)), ("image", "label")))
+
+    from_series = chain(
+        {"image": str(tmp_path / "series"), "label": str(tmp_path / "label.nii.gz")}
+    )
+    from_nifti = chain(
+        {"image": str(tmp_path / "same.nii.gz"), "label": str(tmp_path / "label.nii.gz")}
+    )
+
+    np.testing.assert_allclose(
+        np.asarray(from_series["image"]), np.asarray(from_nifti["image"]), atol=1e-5
+    )
+    np.testing.assert_allclose(
+        np.asarray(from_series["image"].affine), np.asarray(from_nifti["image"].affine), atol=1e-4
+    )
+    assert from_series["label"].shape == from_series["image"].shape

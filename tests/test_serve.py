@@ -648,3 +648,221 @@ def test_bind_makes_a_tcp_socket_so_answers_are_not_delayed():
         assert sock.getsockname()[1] > 0
     finally:
         sock.close()
+
+
+# --- DICOM in, DICOM SEG out ---------------------------------------------------------------
+
+
+def _series_zip(tmp_path: Path, data: np.ndarray, affine, **kwargs) -> Path:
+    from tests.dicom_factory import write_series, zip_folder
+
+    folder = tmp_path / f"series-{len(list(tmp_path.iterdir()))}"
+    write_series(data, affine, folder, shuffle=True, rename=True, **kwargs)
+    return zip_folder(folder, tmp_path / f"{folder.name}.zip")
+
+
+def _hu_volume(seed: int = 0) -> np.ndarray:
+    from tests.dicom_factory import ct_volume
+
+    return ct_volume(TRAIN_SHAPE, seed=seed)
+
+
+def test_segment_accepts_a_zipped_series_like_its_nifti(client, tmp_path):
+    data, affine = _hu_volume(), np.diag([*TRAIN_SPACING, 1.0])
+    archive = _series_zip(tmp_path, data, affine)
+    nifti = tmp_path / "same.nii.gz"
+    nib.save(nib.Nifti1Image(data, affine), nifti)
+
+    from_series = upload(client, archive, "ct_7.zip")
+    from_nifti = upload(client, nifti)
+
+    assert from_series.status_code == 200, from_series.text
+    assert 'filename="ct_7_mask.nii.gz"' in from_series.headers["content-disposition"]
+    series_mask, nifti_mask = mask_of(from_series), mask_of(from_nifti)
+    np.testing.assert_allclose(series_mask.affine, nifti_mask.affine, atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(series_mask.dataobj), np.asarray(nifti_mask.dataobj))
+    assert from_series.headers["x-class-volumes-ml"] == from_nifti.headers["x-class-volumes-ml"]
+    recorded = ProfileLog(client.state.profile_file).read()
+    assert [p["image"] for p in recorded] == ["ct_7.zip", "same.nii.gz"]
+    assert recorded[0]["intensity"] == recorded[1]["intensity"]
+    series = recorded[0]["series"]  # named by hashes only, never by a header attribute
+    assert series["slices"] == TRAIN_SHAPE[2] and len(series["key"]) == 16
+    assert len(series["files_sha256"]) == 64 and "series" not in recorded[1]
+
+
+def test_segment_format_dicom_seg_answers_a_seg_over_the_source_slices(client, tmp_path):
+    import highdicom as hd
+    import pydicom
+
+    data, affine = _hu_volume(1), np.diag([*TRAIN_SPACING, 1.0])
+    archive = _series_zip(tmp_path, data, affine)
+    nifti = tmp_path / "same.nii.gz"
+    nib.save(nib.Nifti1Image(data, affine), nifti)
+    expected = np.asarray(mask_of(upload(client, nifti)).dataobj)
+
+    with open(archive, "rb") as handle:
+        response = client.post(
+            "/segment?format=dicom-seg", files={"file": ("ct_8.zip", handle, "application/zip")}
+        )
+
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"] == "application/dicom"
+    assert 'filename="ct_8_seg.dcm"' in response.headers["content-disposition"]
+    seg = hd.seg.Segmentation.from_dataset(pydicom.dcmread(io.BytesIO(response.content)))
+    sources = [pydicom.dcmread(p) for p in sorted((tmp_path / "series-0").iterdir())]
+    present = sorted(int(c) for c in np.unique(expected) if c)
+    assert [s.SegmentLabel for s in seg.SegmentSequence] == [f"class {c}" for c in present]
+    by_z = sorted(sources, key=lambda ds: float(ds.ImagePositionPatient[2]))
+    back = seg.get_pixels_by_source_instance(
+        source_sop_instance_uids=[ds.SOPInstanceUID for ds in by_z],
+        combine_segments=True,
+        skip_overlap_checks=True,
+    )
+    # Segment numbers run 1..N over the classes present, in class order.
+    relabelled = np.zeros_like(expected)
+    for number, cls in enumerate(present, start=1):
+        relabelled[expected == cls] = number
+    np.testing.assert_array_equal(back, relabelled.transpose(2, 1, 0))
+    assert seg.SeriesInstanceUID != by_z[0].SeriesInstanceUID
+    assert seg.StudyInstanceUID == by_z[0].StudyInstanceUID  # placed in the source's study
+
+
+def test_segment_dicom_refusals_answer_4xx_with_the_reason(client, tmp_path):
+    nifti = write_volume(tmp_path / "v.nii.gz")
+    with open(nifti, "rb") as handle:
+        response = client.post("/segment?format=dicom-seg", files={"file": ("v.nii.gz", handle)})
+    assert response.status_code == 400
+    assert "format=dicom-seg needs a DICOM series" in response.json()["detail"]
+
+    archive = _series_zip(tmp_path, _hu_volume(), np.diag([*TRAIN_SPACING, 1.0]), drop=7)
+    response = upload(client, archive, "gappy.zip")
+    assert response.status_code == 422
+    assert response.json()["detail"].startswith("gappy.zip: missing slices")
+    assert "/tmp" not in response.text
+
+
+def _hostile_nifti(path: Path, shape=(1024, 1024, 512)) -> Path:
+    """A ~2 MB .nii.gz whose header declares ``shape`` float32 over 2 GiB of zeros: one gzip
+    member for the header, then 128 members of 16 MiB of zeros each."""
+    import zlib
+
+    header = nib.Nifti1Header()
+    header.set_data_shape(shape)
+    header.set_data_dtype(np.float32)
+    header.set_zooms((1.0, 1.0, 1.0))
+    raw = header.binaryblock + b"\0" * 4  # vox_offset 352
+    zeros = zlib.compressobj(9, zlib.DEFLATED, 31)
+    member = zeros.compress(bytes(16 << 20)) + zeros.flush()
+    with open(path, "wb") as out:
+        out.write(gzip.compress(raw))
+        for _ in range(128):
+            out.write(member)
+    return path
+
+
+def test_a_header_declaring_a_huge_volume_is_refused_before_the_body_is_read(client, tmp_path):
+    bomb = _hostile_nifti(tmp_path / "bomb.nii.gz")
+    assert bomb.stat().st_size < 3 * 1024**2
+    segmenter = client.state.segmenter
+    timings = []
+    for attempt in range(3):
+        started = time.perf_counter()
+        with pytest.raises(Exception) as info, open(bomb, "rb") as handle:
+            segmenter.segment_stream(handle, "bomb.nii.gz", f"r{attempt}")
+        timings.append(time.perf_counter() - started)
+        assert getattr(info.value, "status", None) == 422
+        assert "shape (1024, 1024, 512) is far outside the training data" in info.value.message
+    print(f"header refusal of a 2 GiB-declaring .nii.gz: best {min(timings) * 1000:.1f} ms")
+    assert min(timings) < 0.1
+
+    huge = _hostile_nifti(tmp_path / "huge.nii.gz", shape=(2048, 1024, 512))
+    started = time.perf_counter()
+    response = upload(client, huge)
+    assert response.status_code == 413
+    assert "declares a 2048x1024x512 float32 volume" in response.json()["detail"]
+    assert time.perf_counter() - started < 2.0  # includes the 2 MB upload through TestClient
+
+
+def test_patient_identifiers_never_reach_tracking_logs_or_records(
+    logged, client, tmp_path, caplog, monkeypatch
+):
+    """Planted identifiers in DICOM headers: a dataset run, a served series (both formats) and
+    a drift check over series folders; then every byte the stores hold is scanned."""
+    import mlpipe.log as mlog
+    from tests.dicom_factory import PLANTED, write_dicom_dataset, write_series
+
+    affine = np.diag([*TRAIN_SPACING, 1.0])
+    data_root = write_dicom_dataset(
+        tmp_path / "dicom-data", cases=2, shape=TRAIN_SHAPE, affine=affine, identifiers=PLANTED
+    )
+    store = tmp_path / "store"
+    store.mkdir()
+    uri = f"sqlite:///{store / 'mlruns.db'}"
+    mlflow.set_tracking_uri(uri)
+    caplog.set_level("DEBUG")
+    try:
+        experiment = mlflow.create_experiment("dicom", artifact_location=str(store / "artifacts"))
+        with mlflow.start_run(experiment_id=experiment):
+            info = mlog.dataset(data_root)
+            mlog.data_profile(info)
+    finally:
+        while mlflow.active_run():
+            mlflow.end_run()
+        mlflow.set_tracking_uri(None)
+
+    outputs = []
+    for fmt in ("nifti", "dicom-seg"):
+        archive = _series_zip(tmp_path, _hu_volume(2), affine, identifiers=PLANTED)
+        with open(archive, "rb") as handle:
+            response = client.post(f"/segment?format={fmt}", files={"file": ("in.zip", handle)})
+        assert response.status_code == 200, response.text
+        outputs.append(str(response.headers))
+    assert PLANTED["PatientName"].encode() in response.content  # the SEG itself carries them
+
+    new = tmp_path / "new-series"
+    for i in range(2):
+        write_series(_hu_volume(3 + i), affine, new / f"s{i}", identifiers=PLANTED)
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(
+        cli, ["drift", f"models:/{MODEL}/1", str(new), "--tracking-uri", logged.uri]
+    )
+    assert result.exit_code in (0, 4), result.output
+    outputs.append(result.output)
+
+    scanned = [store / "mlruns.db", client.state.profile_file]
+    scanned += [p for p in (store / "artifacts").rglob("*") if p.is_file()]
+    scanned += [Path(logged.uri.removeprefix("sqlite:///"))]
+    scanned += [p for p in (logged.root / "artifacts").rglob("*") if p.is_file()]
+    scanned += [p for p in (tmp_path / "drift-report").rglob("*") if p.is_file()]
+    haystacks = [p.read_bytes() for p in scanned] + [
+        text.encode() for text in (caplog.text, *outputs)
+    ]
+    assert len(scanned) > 8
+    for key, value in PLANTED.items():
+        for needle in {value, *value.split("^")}:
+            leaks = [
+                str(p)
+                for p, hay in zip(scanned, haystacks[: len(scanned)], strict=True)
+                if needle.encode() in hay
+            ]
+            in_text = any(needle.encode() in hay for hay in haystacks[len(scanned) :])
+            assert not leaks and not in_text, f"{key} {needle!r} leaked into {leaks or 'logs'}"
+
+
+def test_drift_over_a_folder_of_bad_series_exits_2_with_the_reason(logged, tmp_path, monkeypatch):
+    from tests.dicom_factory import write_series
+
+    folder = tmp_path / "incoming" / "mixed"
+    affine = np.diag([*TRAIN_SPACING, 1.0])
+    write_series(_hu_volume(), affine, folder, series_uid="1.2.826.0.1.1")
+    write_series(_hu_volume()[:, :, :5], affine, tmp_path / "b", series_uid="1.2.826.0.1.2")
+    for path in (tmp_path / "b").iterdir():
+        path.rename(folder / f"b_{path.name}")
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(
+        cli,
+        ["drift", f"models:/{MODEL}/1", str(tmp_path / "incoming"), "--tracking-uri", logged.uri],
+    )
+    assert result.exit_code == 2, result.output
+    assert "holds 2 series, expected one: 1.2.826.0.1.1 (24 slices, CT)" in result.output
+    assert "Traceback" not in result.output

@@ -1,4 +1,5 @@
-"""The /docs page in headless Chromium: a person uploads a NIfTI and downloads the mask.
+"""The /docs page in headless Chromium: a person uploads a NIfTI (or a zipped DICOM series)
+and downloads the mask.
 
 Chromium (Debian's ``chromium`` package; ``make browser`` installs it) is driven over the
 DevTools protocol through ``--remote-debugging-pipe`` (JSON messages on file descriptors 3
@@ -145,6 +146,38 @@ class Browser:
         os.close(self._from_chrome)
 
 
+def _execute_upload(browser: Browser, selector: str, path: Path) -> tuple[str, str]:
+    """Choose the file, as the file chooser would, press Execute, wait for the 200; return the
+    "Download file" name and the downloaded bytes (base64), read back out of the page."""
+    document = browser.call("DOM.getDocument", {"depth": 0}, session=True)
+    node = browser.call(
+        "DOM.querySelector",
+        {"nodeId": document["root"]["nodeId"], "selector": selector},
+        session=True,
+    )["nodeId"]
+    browser.call("DOM.setFileInputFiles", {"files": [str(path)], "nodeId": node}, session=True)
+    browser.evaluate(f"document.querySelector('{OPERATION} .btn.execute').click()")
+
+    link = f"{OPERATION} .live-responses-table a[download]"
+    download = browser.wait_for(f"document.querySelector('{link}')?.getAttribute('download')")
+    status = browser.evaluate(
+        f"document.querySelector('{OPERATION} .live-responses-table tr.response "
+        ".response-col_status').textContent.trim()"
+    )
+    assert status == "200"
+    headers = browser.evaluate(
+        f"document.querySelector('{OPERATION} .live-responses-table').textContent"
+    )
+    assert "x-class-volumes-ml" in headers.lower()
+    encoded = browser.evaluate(
+        f"fetch(document.querySelector('{link}').href).then(r => r.arrayBuffer())"
+        ".then(b => { let s = ''; for (const x of new Uint8Array(b)) s += "
+        "String.fromCharCode(x); return btoa(s); })",
+        wait=True,
+    )
+    return download, encoded
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     root = tmp_path_factory.mktemp("serve-browser")
@@ -181,36 +214,8 @@ def test_docs_page_uploads_a_volume_and_offers_the_mask(server, browser, tmp_pat
     scripts = browser.evaluate("[...document.scripts].map(s => s.src).filter(Boolean)")
     assert scripts and all(s.startswith(server.url) for s in scripts)
 
-    # Choose the file, as the file chooser would, then press Execute.
-    document = browser.call("DOM.getDocument", {"depth": 0}, session=True)
-    node = browser.call(
-        "DOM.querySelector",
-        {"nodeId": document["root"]["nodeId"], "selector": selector},
-        session=True,
-    )["nodeId"]
-    browser.call("DOM.setFileInputFiles", {"files": [str(volume)], "nodeId": node}, session=True)
-    browser.evaluate(f"document.querySelector('{OPERATION} .btn.execute').click()")
-
-    link = f"{OPERATION} .live-responses-table a[download]"
-    download = browser.wait_for(f"document.querySelector('{link}')?.getAttribute('download')")
+    download, encoded = _execute_upload(browser, selector, volume)
     assert download == "ct_browser_mask.nii.gz"
-    status = browser.evaluate(
-        f"document.querySelector('{OPERATION} .live-responses-table tr.response "
-        ".response-col_status').textContent.trim()"
-    )
-    assert status == "200"
-    headers = browser.evaluate(
-        f"document.querySelector('{OPERATION} .live-responses-table').textContent"
-    )
-    assert "x-class-volumes-ml" in headers.lower()
-
-    # "Download file": read the linked blob back out of the page, as the browser would save it.
-    encoded = browser.evaluate(
-        f"fetch(document.querySelector('{link}').href).then(r => r.arrayBuffer())"
-        ".then(b => { let s = ''; for (const x of new Uint8Array(b)) s += "
-        "String.fromCharCode(x); return btoa(s); })",
-        wait=True,
-    )
     mask = nib.Nifti1Image.from_bytes(gzip.decompress(base64.b64decode(encoded)))
     assert mask.shape == (30, 34, 22)
     np.testing.assert_allclose(mask.affine, LPS_AFFINE, atol=1e-5)
@@ -219,3 +224,23 @@ def test_docs_page_uploads_a_volume_and_offers_the_mask(server, browser, tmp_pat
     (tmp_path / "docs.png").write_bytes(base64.b64decode(shot["data"]))
     (entry,) = [json.loads(line) for line in server.profiles.read_text().splitlines()]
     assert entry["image"] == "ct_browser.nii.gz" and entry["outcome"] == "served"
+
+
+def test_docs_page_uploads_a_zipped_dicom_series(server, browser, tmp_path):
+    from tests.dicom_factory import ct_volume, write_series, zip_folder
+
+    affine = np.diag([1.5, 1.5, 3.0, 1.0])
+    write_series(ct_volume((32, 32, 24)), affine, tmp_path / "series", shuffle=True, rename=True)
+    archive = zip_folder(tmp_path / "series", tmp_path / "ct_series.zip")
+    browser.call("Page.navigate", {"url": f"{server.url}/docs#/segmentation/segment"}, session=True)
+    selector = f"{OPERATION} input[type=file]"
+    browser.wait_for(f"document.querySelector({json.dumps(selector)}) !== null")
+
+    download, encoded = _execute_upload(browser, selector, archive)
+
+    assert download == "ct_series_mask.nii.gz"
+    mask = nib.Nifti1Image.from_bytes(gzip.decompress(base64.b64decode(encoded)))
+    assert mask.shape == (32, 32, 24)
+    np.testing.assert_allclose(mask.affine, affine, atol=1e-5)
+    entries = [json.loads(line) for line in server.profiles.read_text().splitlines()]
+    assert (entries[-1]["image"], entries[-1]["outcome"]) == ("ct_series.zip", "served")

@@ -168,4 +168,60 @@ def test_load_volume_truncated_gzip_names_file_and_fix(tmp_path):
     assert str(path) in message
     assert "truncated or corrupt" in message
     assert "Copy or export it again" in message
-    assert isinstance(info.value.__cause__, EOFError)
+    assert "gzip stream ends after" in message  # cut short, and said so
+
+
+# --- the header decides before the body ------------------------------------------------------
+
+
+def _declaring(path: Path, shape, body: bytes) -> Path:
+    """A .nii.gz whose header declares ``shape`` float32 and whose body is ``body``."""
+    header = nib.Nifti1Header()
+    header.set_data_shape(shape)
+    header.set_data_dtype(np.float32)
+    header.set_data_offset(352)
+    path.write_bytes(gzip.compress(header.binaryblock + b"\0" * 4 + body, compresslevel=1))
+    return path
+
+
+def test_a_header_declaring_more_than_the_limit_is_refused_unread(tmp_path):
+    import time
+
+    from mlpipe.data.volumes import declared_size
+
+    path = _declaring(tmp_path / "big.nii.gz", (1024, 1024, 512), bytes(32 << 20))
+    assert declared_size(path) == ((1024, 1024, 512), "float32", 352, 2 * 1024**3)
+    started = time.perf_counter()
+    with pytest.raises(DatasetError, match=r"declares a 1024x1024x512 float32 volume") as info:
+        load_volume(path, max_bytes=1024**3)
+    assert time.perf_counter() - started < 0.1  # 32 MiB of body never inflated
+    assert "more than the limit of 1073741824 bytes" in str(info.value)
+    with pytest.raises(DatasetError, match="declares a"):
+        read_header(path, max_bytes=1024**3)
+
+
+def test_a_body_inflating_beyond_its_declared_size_is_refused(tmp_path):
+    from mlpipe.data.dataset import build_manifest
+
+    declared = 8 * 8 * 8 * 4
+    path = _declaring(tmp_path / "extra.nii.gz", (8, 8, 8), bytes(declared + 64 * 1024))
+    with pytest.raises(DatasetError, match="inflates beyond the 2400 bytes its header declares"):
+        load_volume(path)
+
+    data = tmp_path / "data"
+    (data / "imagesTr").mkdir(parents=True)
+    (data / "labelsTr").mkdir()
+    path.rename(data / "imagesTr" / "a.nii.gz")
+    _write(data / "labelsTr" / "a.nii.gz", np.zeros((8, 8, 8), dtype=np.uint8))
+    with pytest.raises(DatasetError, match="inflates beyond the 2400 bytes its NIfTI header"):
+        build_manifest(data, cache=False)
+
+
+def test_bounded_inflate_reads_multi_member_gzip_like_nibabel(tmp_path):
+    data = _volume((16, 16, 16))
+    path = _write(tmp_path / "v.nii.gz", data)
+    raw = gzip.decompress(path.read_bytes())
+    half = len(raw) // 2
+    path.write_bytes(gzip.compress(raw[:half]) + gzip.compress(raw[half:]) + b"\0" * 16)
+    loaded, _ = load_volume(path)
+    np.testing.assert_array_equal(loaded, data)

@@ -25,6 +25,14 @@ mtime (git's "racy clean" problem). The cache also keeps what validation needs (
 gzip stream complete), so an unchanged dataset is checked without opening a file. The cache is
 an optimisation only: a broken or locked cache file is rebuilt or skipped, never an error.
 
+A DICOM series folder is one entry: its path is the folder, its size the sum of its files,
+its sha256 one hash over the sorted hashes of its files, so the digest does not change when
+the series is copied or its files renamed, and changes when any slice's bytes change. The
+manifest names the series by a salted hash of its SeriesInstanceUID (``series_key``) and
+lists its file hashes; no patient or study attribute is read into it. The cache keys a
+series by its folder, its files' total size and the newest mtime among its files and the
+folder itself (adding, removing or renaming a file changes the folder's mtime).
+
 Pure library code: no mlflow, no printing; ``progress`` lets the caller show progress.
 """
 
@@ -41,6 +49,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mlpipe.core.errors import DatasetError
+from mlpipe.data.dicom_labels import is_seg_file, load_seg_label
 from mlpipe.data.hash_cache import (
     _RACY_WINDOW_NS,
     CACHE_ENV,
@@ -92,6 +101,9 @@ class FileEntry:
     role: str
     case: str
     split: str
+    series: dict | None = None
+    """For a DICOM series: ``{"key", "slices", "files"}`` (salted UID hash, slice count, sorted
+    file hashes); not part of the digest, which the salt would make machine-dependent."""
 
 
 @dataclass(frozen=True)
@@ -126,7 +138,10 @@ class DatasetInfo:
             "name": self.name,
             "version": self.version,
             "digest": self.digest,
-            "files": [_record(entry) for entry in self.files],
+            "files": [
+                _record(entry) | ({"series": entry.series} if entry.series else {})
+                for entry in self.files
+            ],
         }
 
 
@@ -214,10 +229,11 @@ def _examine_all(
     fails, so that one error lists all bad files and the good ones are cached for the rerun.
     """
     problems: list[str] = []
-    stats: dict[Path, os.stat_result] = {}
+    stats: dict[Path, tuple[int, int]] = {}
     for path in paths:
         try:
-            stats[path] = os.stat(path)
+            # A DICOM series folder is keyed by its files' total size and newest mtime.
+            stats[path] = _series_stat(path) if path.is_dir() else _file_stat(path)
         except OSError as exc:
             listed = f" (listed in {origins[path]})" if path in origins else ""
             reason = "does not exist" if isinstance(exc, FileNotFoundError) else "cannot be read"
@@ -225,7 +241,7 @@ def _examine_all(
     _raise_all(problems)
     cache = _HashCache.open(cache_path)
     try:
-        facts = cache.lookup({str(p): (s.st_size, s.st_mtime_ns) for p, s in stats.items()})
+        facts = cache.lookup({str(p): key for p, key in stats.items()})
         found = {Path(p): f for p, f in facts.items()}
         missing = [p for p in paths if p not in found]
         done, total = len(found), len(paths)
@@ -253,7 +269,7 @@ def _examine_all(
                 # On Ctrl-C or a bug, drop the queued files instead of hashing them all first.
                 pool.shutdown(wait=True, cancel_futures=True)
             settled = started_ns - _RACY_WINDOW_NS
-            cache.store({str(p): f for p, f in fresh.items() if f.mtime_ns < settled})
+            cache.store({str(p): f for p, f in fresh.items() if f.mtime_ns < settled and f.shape})
     finally:
         cache.close()
     _raise_all(sorted(problems))
@@ -263,8 +279,14 @@ def _examine_all(
 
 def _examine(path: Path) -> _Facts:
     """Hash one file and check it is whole: a complete gzip stream, a readable header."""
+    if path.is_dir():
+        return _examine_series(path)
     name = str(path)
-    gz = _GzipCheck(name) if name.lower().endswith(".gz") else None
+    if name.lower().endswith(".dcm") and is_seg_file(path):
+        # A DICOM SEG label: placed on its image in _check_shapes (it has no grid of its own).
+        return _hash_only(path)
+    header = read_header(path)  # the header decides first: a hostile size is refused unread
+    gz = _GzipCheck(name, header.data_end) if name.lower().endswith(".gz") else None
     digest = hashlib.sha256()
     read = 0
     try:
@@ -288,7 +310,6 @@ def _examine(path: Path) -> _Facts:
             "finished, then try again."
         )
     unpacked = gz.finish() if gz is not None else None
-    header = read_header(path)
     if unpacked is not None and unpacked < header.data_end:
         raise DatasetError(
             f"{path} is truncated: its header promises {header.data_end} bytes of NIfTI data "
@@ -302,17 +323,86 @@ def _examine(path: Path) -> _Facts:
     )
 
 
+def _file_stat(path: Path) -> tuple[int, int]:
+    stat = os.stat(path)
+    return stat.st_size, stat.st_mtime_ns
+
+
+def _series_stat(folder: Path) -> tuple[int, int]:
+    """A series folder's cache key: total size of its files, and the newest mtime of its files
+    and of the folder itself (which changes when a file is added, removed or renamed)."""
+    from mlpipe.data.dicom import series_files
+
+    size, mtime = 0, os.stat(folder).st_mtime_ns
+    for file in series_files(folder):
+        stat = os.stat(file)
+        size += stat.st_size
+        mtime = max(mtime, stat.st_mtime_ns)
+    return size, mtime
+
+
+def _hash_only(path: Path) -> _Facts:
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as stream:
+            while chunk := stream.read(_CHUNK):
+                digest.update(chunk)
+        stat = os.stat(path)
+    except OSError as exc:
+        raise DatasetError(f"{path} cannot be read: {exc.strerror or exc}.") from exc
+    return _Facts(size=stat.st_size, mtime_ns=stat.st_mtime_ns, sha256=digest.hexdigest(), shape=())
+
+
+def _examine_series(folder: Path) -> _Facts:
+    """A DICOM series folder: its checked geometry, and one hash over its files' hashes."""
+    from mlpipe.data.dicom import scan_series, series_file_digest, series_files, series_key
+
+    series = scan_series(folder)  # the same refusals as reading it (one series, no gaps...)
+    try:
+        size, mtime = _series_stat(folder)
+    except OSError as exc:
+        raise DatasetError(f"{folder} cannot be read: {exc.strerror or exc}.") from exc
+    hashes = {}
+    for file in series_files(folder):
+        digest = hashlib.sha256()
+        try:
+            with open(file, "rb") as stream:
+                while chunk := stream.read(_CHUNK):
+                    digest.update(chunk)
+        except OSError as exc:
+            raise DatasetError(f"{file} cannot be read: {exc.strerror or exc}.") from exc
+        hashes[file] = digest.hexdigest()
+    if _series_stat(folder) != (size, mtime):
+        raise DatasetError(
+            f"{folder} changed while it was being read. Wait until whatever writes it has "
+            "finished, then try again."
+        )
+    return _Facts(
+        size=size,
+        mtime_ns=mtime,
+        sha256=series_file_digest(list(hashes.values())),
+        shape=series.shape,
+        series={
+            "key": series_key(series.series_uid),
+            "slices": len(series.files),
+            "files": sorted(hashes.values()),
+        },
+    )
+
+
 class _GzipCheck:
     """Decompress a gzip stream chunk by chunk, only to learn whether it is whole.
 
     A truncated download leaves a stream whose decompressor never reaches end-of-stream
     (``eof`` stays False); zlib also verifies each member's CRC-32 and length. Several members
     and trailing zero padding are accepted, as Python's ``gzip`` (which nibabel uses) accepts
-    them. Output is discarded; only its length is kept.
+    them. Output is discarded; only its length is kept, and a stream that inflates beyond what
+    the header declares is refused at once rather than inflated to its end.
     """
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, limit: int) -> None:
         self.name = name
+        self.limit = limit
         self.unpacked = 0
         self.members = 0
         self._inflater: zlib._Decompress | None = zlib.decompressobj(16 + zlib.MAX_WBITS)
@@ -326,6 +416,12 @@ class _GzipCheck:
                         return
                     self._inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
                 self.unpacked += len(self._inflater.decompress(data, _GZIP_OUT_LIMIT))
+                if self.unpacked > self.limit:
+                    raise DatasetError(
+                        f"{self.name} inflates beyond the {self.limit} bytes its NIfTI header "
+                        "declares; refused (a .nii.gz holds exactly its header and voxels). "
+                        "Re-export it."
+                    )
                 if self._inflater.eof:
                     data = self._inflater.unused_data
                     self._inflater = None
@@ -373,6 +469,12 @@ def _check_shapes(pairs: Sequence[Pair], facts: Mapping[Path, _Facts]) -> None:
         if pair.label is None:
             continue
         label_shape = facts[pair.label].shape
+        if not label_shape:  # a DICOM SEG: placed on its image series, which checks it
+            try:
+                label_shape = load_seg_label(pair.label, pair.image)[0].shape
+            except DatasetError as exc:
+                problems.append(str(exc))
+                continue
         if len(label_shape) != 3:
             problems.append(
                 f"Label {pair.label} has shape {_shape(label_shape)}; a label must be 3D (one "
@@ -400,6 +502,7 @@ def _entries(layout: _Layout, facts: Mapping[Path, _Facts]) -> Iterator[FileEntr
                 role=role,
                 case=pair.case,
                 split=pair.split,
+                series=fact.series,
             )
 
 

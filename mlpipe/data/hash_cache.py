@@ -6,6 +6,7 @@ resolution is hashed again rather than trusted.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import sqlite3
 from collections.abc import Iterator, Mapping
@@ -35,6 +36,7 @@ class _Facts:
     mtime_ns: int
     sha256: str
     shape: tuple[int, ...]
+    series: dict | None = None  # a DICOM series folder's manifest fields
 
 
 def _parse_shape(text: str) -> tuple[int, ...]:
@@ -50,7 +52,7 @@ CACHE_FILE = "hashes.sqlite"
 _RACY_WINDOW_NS = 2_000_000_000
 
 
-_CACHE_SCHEMA = 1
+_CACHE_SCHEMA = 2  # 2: a DICOM series folder's manifest fields (series)
 
 
 _LOOKUP_BATCH = 500  # stays under SQLite's bound-parameter limit on old builds
@@ -107,13 +109,19 @@ class _HashCache:
                 batch = keys[start : start + _LOOKUP_BATCH]
                 marks = ",".join("?" * len(batch))
                 rows = self._db.execute(
-                    "SELECT path, size, mtime_ns, sha256, shape FROM files "
+                    "SELECT path, size, mtime_ns, sha256, shape, series FROM files "
                     f"WHERE path IN ({marks})",
                     batch,
                 )
-                for path, size, mtime_ns, sha256, shape in rows:
+                for path, size, mtime_ns, sha256, shape, series in rows:
                     if (size, mtime_ns) == wanted[path]:
-                        out[path] = _Facts(size, mtime_ns, sha256, _parse_shape(shape))
+                        out[path] = _Facts(
+                            size,
+                            mtime_ns,
+                            sha256,
+                            _parse_shape(shape),
+                            json.loads(series) if series else None,
+                        )
         except sqlite3.OperationalError:
             return {}
         except (sqlite3.DatabaseError, ValueError, TypeError):
@@ -125,14 +133,21 @@ class _HashCache:
         if self._db is None or not facts:
             return
         rows = [
-            (path, f.size, f.mtime_ns, f.sha256, ",".join(map(str, f.shape)))
+            (
+                path,
+                f.size,
+                f.mtime_ns,
+                f.sha256,
+                ",".join(map(str, f.shape)),
+                json.dumps(f.series, separators=(",", ":")) if f.series else None,
+            )
             for path, f in facts.items()
         ]
         try:
             with _transaction(self._db):
                 self._db.executemany(
-                    "INSERT OR REPLACE INTO files (path, size, mtime_ns, sha256, shape) "
-                    "VALUES (?, ?, ?, ?, ?)",
+                    "INSERT OR REPLACE INTO files (path, size, mtime_ns, sha256, shape, series) "
+                    "VALUES (?, ?, ?, ?, ?, ?)",
                     rows,
                 )
         except sqlite3.OperationalError:
@@ -164,8 +179,8 @@ def _connect(path: Path) -> sqlite3.Connection:
                     db.execute("DROP TABLE IF EXISTS files")
                     db.execute(
                         "CREATE TABLE files (path TEXT PRIMARY KEY, size INTEGER NOT NULL, "
-                        "mtime_ns INTEGER NOT NULL, sha256 TEXT NOT NULL, shape TEXT NOT NULL) "
-                        "WITHOUT ROWID"
+                        "mtime_ns INTEGER NOT NULL, sha256 TEXT NOT NULL, shape TEXT NOT NULL, "
+                        "series TEXT) WITHOUT ROWID"
                     )
                     db.execute(f"PRAGMA user_version={_CACHE_SCHEMA}")
     except BaseException:

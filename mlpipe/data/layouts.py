@@ -1,6 +1,9 @@
 """Which files make a dataset: the Decathlon layout (``dataset.json``, ``imagesTr/``,
 ``labelsTr/``), folders of ``*_image``/``*_label`` pairs, plain folders of volumes, and CSV/JSON
 manifests, each resolved to image/label pairs with the split they belong to.
+
+An image may be a DICOM series folder: ``imagesTr/<case>/`` (files of one series), or
+``<case>_image/`` in a plain folder, or a folder named in a manifest.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePath
 
 from mlpipe.core.errors import DatasetError
-from mlpipe.data.volumes import is_volume
+from mlpipe.data.volumes import is_series, is_volume
 
 _MAX_LISTED = 10
 
@@ -45,6 +48,22 @@ def _raise_all(problems: Sequence[str]) -> None:
 
 
 _PLAIN_NAME = re.compile(r"^(?P<case>.+)_(?P<role>image|label)\.nii(?:\.gz)?$", re.IGNORECASE)
+
+
+_PLAIN_SEG = re.compile(r"^(?P<case>.+)_(?P<role>label)\.dcm$", re.IGNORECASE)
+"""A DICOM SEG label in a plain layout: ``<case>_label.dcm``."""
+
+
+_PLAIN_SERIES = re.compile(r"^(?P<case>.+)_(?P<role>image)$", re.IGNORECASE)
+"""A DICOM series folder in a plain layout: ``<case>_image/``."""
+
+
+def _plain_match(path: Path) -> re.Match[str] | None:
+    return (
+        _PLAIN_NAME.match(path.name)
+        or _PLAIN_SEG.match(path.name)
+        or (_PLAIN_SERIES.match(path.name) if path.is_dir() else None)
+    )
 
 
 _FIX_LAYOUT = (
@@ -129,7 +148,7 @@ def _pair_folders(
     for case, image in sorted(images.items()):
         label = labels.get(case)
         if label is None and split != "test":
-            expected = root / label_dir / image.name
+            expected = root / label_dir / (f"{case}.nii.gz" if image.is_dir() else image.name)
             problems.append(f"Image {image} has no label: expected {expected}.")
         pairs.append(Pair(case=case, image=image, label=label, split=split))
     for case, label in sorted(labels.items()):
@@ -145,9 +164,18 @@ def _volumes_by_case(folder: Path, problems: list[str]) -> dict[str, Path]:
         return {}
     found: dict[str, Path] = {}
     for entry in sorted(os.scandir(folder), key=lambda e: e.name):
-        if entry.name.startswith(".") or not is_volume(entry.name) or entry.is_dir():
+        if entry.name.startswith("."):
             continue
-        case = _strip_suffix(entry.name)
+        if entry.is_dir():
+            if not is_series(entry.path):
+                continue
+            case = entry.name  # a DICOM series folder: imagesTr/<case>/
+        elif is_volume(entry.name):
+            case = _strip_suffix(entry.name)
+        elif entry.name.lower().endswith(".dcm"):
+            case = entry.name[: -len(".dcm")]  # a DICOM SEG label (or a one-slice image)
+        else:
+            continue
         if case in found:
             problems.append(
                 f"{found[case]} and {entry.path} are the same case {case!r}; keep one of them."
@@ -163,7 +191,7 @@ def _plain_folder(root: Path) -> _Layout:
     problems: list[str] = []
     unmatched: list[Path] = []
     for path in _walk_volumes(root):
-        match = _PLAIN_NAME.match(path.name)
+        match = _plain_match(path)
         if match is None:
             unmatched.append(path)
             continue
@@ -181,7 +209,8 @@ def _plain_folder(root: Path) -> _Layout:
     for case, image in sorted(images.items()):
         label = labels.get(case)
         if label is None:
-            expected = image.parent / f"{_plain_case(image)}_label{_suffix(image.name)}"
+            suffix = ".nii.gz" if image.is_dir() else _suffix(image.name)
+            expected = image.parent / f"{_plain_case(image)}_label{suffix}"
             problems.append(f"Image {image} has no label: expected {expected}.")
         pairs.append(Pair(case=case, image=image, label=label, split="train"))
     for case, label in sorted(labels.items()):
@@ -193,16 +222,20 @@ def _plain_folder(root: Path) -> _Layout:
 
 
 def _plain_case(path: Path) -> str:
-    match = _PLAIN_NAME.match(path.name)
+    match = _plain_match(path)
     return match["case"] if match else _strip_suffix(path.name)
 
 
 def _walk_volumes(root: Path) -> Iterator[Path]:
-    """Volumes under ``root`` in a stable order, skipping hidden files and folders."""
+    """Volumes under ``root`` in a stable order, skipping hidden files and folders; a
+    ``<case>_image/`` DICOM series folder counts as one volume."""
     for folder, dirs, files in os.walk(root):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        series = [d for d in dirs if _PLAIN_SERIES.match(d) and is_series(Path(folder) / d)]
+        dirs[:] = [d for d in dirs if d not in series]  # a series folder is one volume
+        yield from (Path(folder) / d for d in series)
         for name in sorted(files):
-            if not name.startswith(".") and is_volume(name):
+            if not name.startswith(".") and (is_volume(name) or _PLAIN_SEG.match(name)):
                 yield Path(folder) / name
 
 

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from mlpipe.data.dicom_labels import is_seg_file, load_seg_label
 from mlpipe.data.volumes import load_volume
 
 if TYPE_CHECKING:
@@ -57,7 +58,10 @@ def profile_volume(image_path: str | Path, label_path: str | Path | None = None)
     }
     del data, finite
     if label_path is not None:
-        labels, _ = load_volume(label_path, dtype=np.int64)
+        if is_seg_file(label_path):  # a DICOM SEG: read onto its image series
+            labels = load_seg_label(label_path, image_path)[0].astype(np.int64)
+        else:
+            labels, _ = load_volume(label_path, dtype=np.int64)
         counts = np.bincount(labels.ravel().clip(min=0))
         total = max(int(labels.size), 1)
         entry["label"] = str(label_path)

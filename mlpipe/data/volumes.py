@@ -1,9 +1,19 @@
-"""Read NIfTI volumes (``.nii``, ``.nii.gz``) with errors that name the file and the fix.
+"""Read volumes (NIfTI ``.nii``/``.nii.gz``, and DICOM series through ``mlpipe.data.dicom``)
+with errors that name the file and the fix, defensively.
 
 nibabel reports a truncated download as ``EOFError: Compressed file ended before the
 end-of-stream marker was reached`` and a file that is not NIfTI as ``Cannot work out file type
 of "x.nii.gz"``, without saying which of a thousand files it was or what to do. Every failure
 here is a ``DatasetError`` whose message holds the path, what is wrong and how to fix it.
+
+Defensive: a NIfTI header is read first, gunzipping only its first 540 bytes, and decides
+before the body is touched: a declared size above ``MAX_VOLUME_BYTES`` (or the caller's
+``max_bytes``) is refused in microseconds whatever the body; a ``.nii.gz`` body is inflated at
+most to the declared size, and one that holds more is refused rather than decompressed on.
+
+A DICOM series folder, a ``.zip`` of one or a ``.dcm`` file is read by ``mlpipe.data.dicom``
+into the same ``VolumeHeader`` and array (RAS affine, NIfTI axis order), so everything that
+takes a volume (datasets, profiles, drift, serve) takes a series.
 
 Pure library code: no mlflow, no printing.
 """
@@ -26,6 +36,8 @@ from mlpipe.core.errors import DatasetError
 if TYPE_CHECKING:
     from numpy.typing import DTypeLike
 
+    from mlpipe.data.dicom import DicomSeries
+
 VOLUME_SUFFIXES = (".nii", ".nii.gz")
 """File names that count as volumes (compared case-insensitively)."""
 
@@ -34,6 +46,11 @@ _NIFTI1_MAGICS = (b"n+1\x00", b"ni1\x00")  # at byte 344 of a NIfTI-1 header
 _NIFTI2_MAGIC_PREFIX = b"n+2\x00"  # at byte 4 of a NIfTI-2 header
 _NIFTI1_HEADER_BYTES = 348
 _NIFTI2_HEADER_BYTES = 540
+MAX_VOLUME_BYTES = 16 * 1024**3
+"""Absolute limit on the voxel bytes a header may declare (a 2048^3 float32 volume is 32 GiB)."""
+_MAX_VOX_OFFSET = 64 * 1024**2  # header extensions beyond this are not a medical volume
+_INFLATE_CHUNK = 1 << 20  # compressed bytes per read: small, so unconsumed tails stay small
+_INFLATE_OUT = 1 << 26  # most bytes one decompress call may produce
 _RECOPY = "Copy or export it again from its source (check the download finished)."
 _READ_ERRORS = (ImageFileError, HeaderDataError, OSError, EOFError, zlib.error, ValueError)
 """What nibabel, gzip and zlib raise for a bad file; anything else is a bug and stays one."""
@@ -74,24 +91,43 @@ def is_volume(path: str | os.PathLike[str]) -> bool:
     return os.fspath(path).lower().endswith(VOLUME_SUFFIXES)
 
 
-def read_header(path: str | os.PathLike[str]) -> VolumeHeader:
+def is_series(path: str | os.PathLike[str]) -> bool:
+    """Whether a path is a DICOM series: a folder of DICOM files, a ``.zip`` or a ``.dcm``."""
+    from mlpipe.data.dicom import is_dicom_source
+
+    return not is_volume(path) and is_dicom_source(path)
+
+
+def read_header(path: str | os.PathLike[str], *, max_bytes: int | None = None) -> VolumeHeader:
     """Read a volume's header only: cheap even for a 1 GB CT, since voxels stay on disk.
 
     Args:
-        path: a ``.nii`` or ``.nii.gz`` file.
+        path: a ``.nii`` or ``.nii.gz`` file, or a DICOM series (folder, ``.zip``, ``.dcm``).
+        max_bytes: refuse a volume whose header declares more voxel bytes than this
+            [default: ``MAX_VOLUME_BYTES``]; decided from the first 540 bytes alone.
 
     Returns:
         The header fields mlpipe uses (shape, spacing, orientation, dtype, affine).
 
     Raises:
         DatasetError: the file is missing, unreadable, empty, not NIfTI, or (``.nii``) shorter
-            than its header says; the message names the file and the fix.
+            than its header says, or declaring more than ``max_bytes``; a series refused by
+            ``mlpipe.data.dicom`` (several series, missing slices...). The message names the
+            file and the fix.
     """
-    return _open(path)[1]
+    if is_series(path):
+        from mlpipe.data.dicom import open_series
+
+        with open_series(path) as series:
+            return series_header(series)
+    return _open(path, max_bytes)[1]
 
 
 def load_volume(
-    path: str | os.PathLike[str], *, dtype: DTypeLike | None = np.float32
+    path: str | os.PathLike[str],
+    *,
+    dtype: DTypeLike | None = np.float32,
+    max_bytes: int | None = None,
 ) -> tuple[np.ndarray, VolumeHeader]:
     """Read a volume's voxels (scaled by the header's slope and intercept) and its header.
 
@@ -99,6 +135,7 @@ def load_volume(
         path: a ``.nii`` or ``.nii.gz`` file.
         dtype: the array's dtype; ``None`` keeps the scaled data's own dtype (useful for
             integer label maps).
+        max_bytes: as for ``read_header``.
 
     Returns:
         The voxel array, in the file's axis order (channels last for 4D), and the header.
@@ -107,9 +144,17 @@ def load_volume(
         DatasetError: as ``read_header``, plus a ``.nii.gz`` whose compressed stream is cut
             short or corrupt.
     """
-    image, header = _open(path)
+    if is_series(path):
+        from mlpipe.data.dicom import load_series, open_series
+
+        with open_series(path) as series:
+            return load_series(series, dtype=dtype), series_header(series)
+    image, header = _open(path, max_bytes)
     try:
-        data = np.asanyarray(image.dataobj)
+        if header.path.lower().endswith(".gz"):
+            data = _scaled(image, _inflate_bounded(header))
+        else:
+            data = np.asanyarray(image.dataobj)
     except _READ_ERRORS as exc:
         raise _translate(header.path, exc) from exc
     if dtype is not None:
@@ -117,10 +162,13 @@ def load_volume(
     return data, header
 
 
-def _open(path: str | os.PathLike[str]) -> tuple[nib.Nifti1Image, VolumeHeader]:
+def _open(
+    path: str | os.PathLike[str], max_bytes: int | None = None
+) -> tuple[nib.Nifti1Image, VolumeHeader]:
     """The lazily loaded image (voxels not read) and its checked header."""
     name = os.fspath(path)
     size = _check_file(name)
+    _check_declared(name, max_bytes)
     try:
         image = nib.load(name)
     except _READ_ERRORS as exc:
@@ -137,6 +185,160 @@ def _open(path: str | os.PathLike[str]) -> tuple[nib.Nifti1Image, VolumeHeader]:
             f"holds {size}. {_RECOPY}"
         )
     return image, header
+
+
+def declared_size(path: str | os.PathLike[str]) -> tuple[tuple[int, ...], str, int, int] | None:
+    """Shape, dtype, voxel offset and voxel bytes a NIfTI header declares, from its first 540
+    bytes only.
+
+    For a ``.nii.gz`` only those bytes are inflated, so this costs microseconds whatever the
+    body. ``None`` when the bytes are not a NIfTI-1/NIfTI-2 header (``nib.load`` then says why).
+    """
+    name = os.fspath(path)
+    try:
+        with open(name, "rb") as raw:
+            head = raw.read(_NIFTI2_HEADER_BYTES + 64)
+            if head[:2] == _GZIP_MAGIC:
+                raw.seek(0)
+                inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
+                head, chunk = b"", raw.read(4096)
+                while chunk and len(head) < _NIFTI2_HEADER_BYTES:
+                    head += inflater.decompress(chunk, _NIFTI2_HEADER_BYTES - len(head))
+                    chunk = inflater.unconsumed_tail or (b"" if inflater.eof else raw.read(4096))
+    except (OSError, zlib.error):
+        return None
+    return _parse_header(head)
+
+
+def _parse_header(head: bytes) -> tuple[tuple[int, ...], str, int] | None:
+    for order in ("<", ">"):
+        sizeof = int(np.frombuffer(head[:4], dtype=f"{order}i4")[0]) if len(head) >= 4 else 0
+        if sizeof == _NIFTI1_HEADER_BYTES and len(head) >= 348 and head[344:348] in _NIFTI1_MAGICS:
+            dims = np.frombuffer(head[40:56], dtype=f"{order}i2").astype(np.int64)
+            code = int(np.frombuffer(head[70:72], dtype=f"{order}i2")[0])
+            offset = float(np.frombuffer(head[108:112], dtype=f"{order}f4")[0])
+        elif sizeof == _NIFTI2_HEADER_BYTES and len(head) >= 540:
+            dims = np.frombuffer(head[16:80], dtype=f"{order}i8")
+            code = int(np.frombuffer(head[12:14], dtype=f"{order}i2")[0])
+            offset = float(np.frombuffer(head[168:176], dtype=f"{order}i8")[0])
+        else:
+            continue
+        ndim = int(dims[0])
+        if not 1 <= ndim <= 7 or (dims[1 : ndim + 1] < 0).any() or not np.isfinite(offset):
+            return None
+        shape = tuple(int(n) for n in dims[1 : ndim + 1])
+        try:
+            dtype = np.dtype(nib.nifti1.data_type_codes.dtype[code])
+        except KeyError:
+            return None
+        voxels = 1
+        for n in shape:
+            voxels *= n  # Python ints: a hostile header cannot overflow this
+        return shape, dtype.name, int(max(offset, 0)), voxels * dtype.itemsize
+    return None
+
+
+def _check_declared(name: str, max_bytes: int | None) -> None:
+    """Refuse from the header alone a volume larger than the limit; before nibabel reads it."""
+    declared = declared_size(name)
+    if declared is None:
+        return
+    shape, dtype, offset, voxel_bytes = declared
+    limit = MAX_VOLUME_BYTES if max_bytes is None else max_bytes
+    if voxel_bytes > limit:
+        raise DatasetError(
+            f"{name} declares a {'x'.join(map(str, shape))} {dtype} volume: {voxel_bytes} bytes "
+            f"of voxels, more than the limit of {limit} bytes. Crop or downsample it, or check "
+            "that the file is what it claims to be."
+        )
+    if offset > _MAX_VOX_OFFSET:
+        raise DatasetError(
+            f"{name} declares its voxels start at byte {offset} (vox_offset): header extensions "
+            f"of more than {_MAX_VOX_OFFSET} bytes are refused. Re-export the volume."
+        )
+
+
+def _inflate_bounded(header: VolumeHeader) -> memoryview:
+    """The ``.nii.gz`` decompressed into one buffer of exactly its declared size, never further.
+
+    nibabel would stop at the declared size too, but would accept a stream that holds more;
+    here it is refused after at most one byte beyond the header's promise is inflated (a
+    zip-bomb body is cut off at once). Several gzip members and zero padding are accepted, as
+    Python's ``gzip`` accepts them. The buffer is allocated once from the declared size (which
+    ``_check_declared`` bounded), and the voxels are a view of it: no copy beyond zlib's output.
+    """
+    name, limit = header.path, header.data_end
+    out = bytearray(limit)
+    view = memoryview(out)
+    filled = 0
+    inflater: zlib._Decompress | None = zlib.decompressobj(16 + zlib.MAX_WBITS)
+    data = b""
+    try:
+        with open(name, "rb") as raw:
+            while True:
+                if not data:
+                    data = raw.read(_INFLATE_CHUNK)
+                    if not data:
+                        break
+                if inflater is None:  # between members: zero padding, or another member
+                    data = data.lstrip(b"\0")
+                    if not data:
+                        continue
+                    inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
+                chunk = inflater.decompress(data, min(limit + 1 - filled, _INFLATE_OUT))
+                if filled + len(chunk) > limit:
+                    raise DatasetError(
+                        f"{name} inflates beyond the {limit} bytes its header declares; refused "
+                        "(a .nii.gz holds exactly its header and voxels). Re-export it."
+                    )
+                view[filled : filled + len(chunk)] = chunk
+                filled += len(chunk)
+                if inflater.eof:
+                    data, inflater = inflater.unused_data, None
+                else:
+                    data = inflater.unconsumed_tail
+    except zlib.error as exc:
+        raise _translate(name, exc) from exc
+    if inflater is not None or filled < limit:
+        raise DatasetError(
+            f"{name} is truncated or corrupt: its header promises {limit} bytes of NIfTI data but "
+            f"the gzip stream ends after {filled}. {_RECOPY}"
+        )
+    return view
+
+
+def _scaled(image: nib.Nifti1Image, raw: memoryview) -> np.ndarray:
+    """The voxels of ``raw`` (the whole uncompressed file) as nibabel's proxy would give them:
+    the header's dtype and shape (Fortran order), its slope and intercept applied."""
+    proxy = image.dataobj
+    shape = tuple(proxy.shape)
+    dtype = np.dtype(proxy.dtype)
+    count = int(np.prod(shape, dtype=np.int64))
+    data = np.frombuffer(raw, dtype=dtype, count=count, offset=int(proxy.offset))
+    data = data.reshape(shape, order="F")
+    slope, inter = float(proxy.slope), float(proxy.inter)
+    if (slope, inter) == (1.0, 0.0) or not (np.isfinite(slope) and np.isfinite(inter)):
+        return data
+    from nibabel.volumeutils import apply_read_scaling
+
+    return apply_read_scaling(data, slope, inter)
+
+
+def series_header(series: DicomSeries) -> VolumeHeader:
+    """The ``VolumeHeader`` of a scanned DICOM series (no pixel read)."""
+    affine = np.asarray(series.affine, dtype=float)
+    codes = nib.aff2axcodes(affine)
+    return VolumeHeader(
+        path=series.source,
+        shape=tuple(series.shape),
+        spatial_shape=tuple(series.shape),
+        spacing=series.spacing,
+        dtype=series.dtype,
+        orientation="".join(code or "?" for code in codes),
+        affine=tuple(tuple(float(v) for v in row) for row in affine),
+        ndim=3,
+        data_end=0,
+    )
 
 
 def _check_file(name: str) -> int:

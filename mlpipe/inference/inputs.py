@@ -49,6 +49,9 @@ _NIFTI2_SINGLE = b"n+2\x00"
 _NIFTI2_PAIR = b"ni2\x00"
 
 
+_ZIP_MAGIC = b"PK\x03\x04"
+
+
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b)?\s*$", re.IGNORECASE)
 
 
@@ -73,8 +76,25 @@ def parse_size(text: str | int) -> int:
     return int(number * 1024 ** ("kmgt".index(unit) + 1 if unit else 0))
 
 
+def sniff_input(path: Path, name: str) -> str:
+    """``.zip`` or ``.dcm`` (a DICOM series or slice), else ``sniff_nifti``'s answer.
+
+    Raises:
+        InputRejected: 415 for anything that is neither NIfTI nor DICOM.
+    """
+    with open(path, "rb") as handle:
+        head = handle.read(132)
+    if head[:4] == _ZIP_MAGIC:
+        return ".zip"
+    if head[128:132] == b"DICM":
+        return ".dcm"
+    return sniff_nifti(path, name)
+
+
 def sniff_nifti(path: Path, name: str) -> str:
     """``.nii.gz`` or ``.nii`` from the file's own bytes (gzip magic, NIfTI magic).
+
+    Only the first 540 bytes are inflated, whatever the body holds.
 
     Raises:
         InputRejected: 415 for anything that is not a single-file NIfTI volume.
@@ -99,8 +119,8 @@ def sniff_nifti(path: Path, name: str) -> str:
     kind = "gzip data that is not NIfTI" if gz else "not a NIfTI volume"
     raise InputRejected(
         415,
-        f"{name} is {kind} (no NIfTI-1/NIfTI-2 header). Upload a 3D .nii or .nii.gz volume; "
-        "convert DICOM series first (e.g. dcm2niix).",
+        f"{name} is {kind} (no NIfTI-1/NIfTI-2 header). Upload a 3D .nii or .nii.gz volume, "
+        "or a DICOM series as a .zip of its files.",
     )
 
 
@@ -140,11 +160,14 @@ def safe_upload_name(text: str | None) -> str:
     return safe_name(text)
 
 
-def mask_file_name(upload_name: str) -> str:
-    """``ct_001.nii.gz`` -> ``ct_001_mask.nii.gz``."""
+def mask_file_name(upload_name: str, output: str = "nifti") -> str:
+    """``ct_001.nii.gz`` -> ``ct_001_mask.nii.gz``; ``ct_001.zip`` -> ``ct_001_seg.dcm`` for a
+    DICOM SEG answer."""
     stem = upload_name
-    for suffix in (".nii.gz", ".nii", ".gz"):
+    for suffix in (".nii.gz", ".nii", ".gz", ".zip", ".dcm"):
         if stem.lower().endswith(suffix):
             stem = stem[: -len(suffix)]
             break
+    if output == "dicom-seg":
+        return f"{stem or 'series'}_seg.dcm"
     return f"{stem or 'volume'}_mask.nii.gz"

@@ -1,6 +1,13 @@
-"""One input volume in, its mask out: cheap checks first (empty, not NIfTI, not 3D), then the
-profile of the volume (``mlpipe.data.profile.profile_volume``, the code ``mlpipe drift`` uses),
-the geometry check against the training profile, and the pyfunc's ``predict``.
+"""One input volume in, its mask out: cheap checks first (empty, not NIfTI or DICOM, not 3D,
+declared size, geometry against the training profile: all from the header, before a voxel is
+read), then the profile of the volume (``mlpipe.data.profile.profile_volume``, the code
+``mlpipe drift`` uses) and the pyfunc's ``predict``.
+
+A DICOM series arrives as a ``.zip`` (or one ``.dcm``): it is unpacked and checked by
+``mlpipe.data.dicom`` (one series, slices in order along the normal, rescaled to HU), written
+as a NIfTI on the series' own grid for the model, and the mask goes back as NIfTI or as a
+DICOM SEG over the source slices (``output="dicom-seg"``). Nothing from the DICOM headers is
+logged or recorded: the profile entry holds geometry and intensity statistics only.
 
 Input problems raise :class:`InputRejected` with an HTTP status and a message that names the
 input by the name its sender gave, never by a server path.
@@ -17,8 +24,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
+import numpy as np
+
 from mlpipe.core.errors import DatasetError
 from mlpipe.data.profile import profile_volume
+from mlpipe.data.volumes import declared_size
 from mlpipe.inference.geometry import GeometryLimits
 from mlpipe.inference.inputs import (
     DEFAULT_MAX_BYTES,
@@ -26,7 +36,7 @@ from mlpipe.inference.inputs import (
     read_upload_header,
     scrub_path,
     size_text,
-    sniff_nifti,
+    sniff_input,
 )
 from mlpipe.inference.models import ModelSource
 from mlpipe.inference.profile_log import ProfileLog
@@ -40,6 +50,13 @@ logger = logging.getLogger("mlpipe.serve")
 DEFAULT_MAX_QUEUE = 32
 
 
+DEFAULT_MAX_VOLUME_BYTES = 2 * 1024**3
+"""The most voxel bytes an input may declare (a 512x512x1000 int16 CT is 0.5 GiB)."""
+
+
+OUTPUTS = ("nifti", "dicom-seg")
+
+
 class ServerBusy(Exception):
     """More requests wait for inference than ``--max-queue`` allows (HTTP 503)."""
 
@@ -49,10 +66,12 @@ class Segmentation:
     """One served request's result."""
 
     mask: bytes
-    """The mask as ``.nii.gz`` bytes: uint8, the input's shape and affine."""
+    """The mask as ``.nii.gz`` bytes (uint8, the input's shape and affine), or a DICOM SEG's
+    bytes when ``output`` is ``"dicom-seg"``."""
     class_volumes_ml: dict[str, float]
     shape: list[int]
     name: str
+    output: str = "nifti"
 
 
 @dataclass
@@ -73,6 +92,8 @@ class Segmenter:
     profiles: ProfileLog | None = None
     concurrency: int = 1
     max_queue: int = DEFAULT_MAX_QUEUE
+    max_volume_bytes: int = DEFAULT_MAX_VOLUME_BYTES
+    class_names: dict[str, str] | None = None
     _slots: threading.BoundedSemaphore = field(init=False, repr=False)
     _in_flight: int = field(default=0, init=False, repr=False)
     _in_flight_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
@@ -80,7 +101,9 @@ class Segmenter:
     def __post_init__(self) -> None:
         self._slots = threading.BoundedSemaphore(self.concurrency)
 
-    def segment_stream(self, stream: IO[bytes], name: str, request_id: str) -> Segmentation:
+    def segment_stream(
+        self, stream: IO[bytes], name: str, request_id: str, output: str = "nifti"
+    ) -> Segmentation:
         """Segment an uploaded file object (read in 1 MiB chunks, at most ``max_bytes``)."""
         with tempfile.TemporaryDirectory(prefix="mlpipe-serve-") as tmp:
             raw = Path(tmp) / "upload"
@@ -91,7 +114,7 @@ class Segmenter:
                     if size > self.max_bytes:
                         raise InputRejected(413, self._too_large(name))
                     out.write(chunk)
-            return self._segment_file(raw, size, name, request_id)
+            return self._segment_file(raw, size, name, request_id, output)
 
     def segment_bytes(self, data: bytes, name: str, request_id: str) -> Segmentation:
         """Segment a volume given as bytes (the JSON endpoint's decoded base64)."""
@@ -108,11 +131,25 @@ class Segmenter:
             "Crop or downsample the volume, or ask the operator to raise --max-bytes."
         )
 
-    def _segment_file(self, raw: Path, size: int, name: str, request_id: str) -> Segmentation:
+    def _segment_file(
+        self, raw: Path, size: int, name: str, request_id: str, output: str = "nifti"
+    ) -> Segmentation:
         if size == 0:
             raise InputRejected(400, f"{name} is empty (0 bytes); upload a .nii or .nii.gz file.")
-        path = raw.with_name("input" + sniff_nifti(raw, name))
+        kind = sniff_input(raw, name)
+        if kind in (".zip", ".dcm"):
+            return self._segment_series(raw, name, request_id, output)
+        if output == "dicom-seg":
+            raise InputRejected(
+                400,
+                f"{name} is NIfTI; format=dicom-seg needs a DICOM series to reference. Upload "
+                "the series as a .zip, or ask for format=nifti.",
+            )
+        path = raw.with_name("input" + kind)
         raw.rename(path)
+        declared = declared_size(path)
+        if declared is not None and declared[3] > self.max_volume_bytes:
+            raise InputRejected(413, self._too_many_voxels(name, declared[0], declared[1]))
         header = read_upload_header(path, name)
         if header.ndim != 3:
             raise InputRejected(
@@ -122,6 +159,7 @@ class Segmenter:
                 "on its own"
                 + (" (drop the trailing axis of size 1)." if header.shape[3:] == (1,) else "."),
             )
+        self._check_geometry(header, name, request_id)
         self._admit()
         try:
             with self._slots:
@@ -129,6 +167,97 @@ class Segmenter:
         finally:
             with self._in_flight_lock:
                 self._in_flight -= 1
+
+    def _segment_series(self, raw: Path, name: str, request_id: str, output: str) -> Segmentation:
+        """A zipped DICOM series (or one slice): checked, read, segmented as NIfTI on its grid."""
+        import nibabel as nib
+
+        from mlpipe.data.dicom import load_series, open_series, source_datasets
+        from mlpipe.data.volumes import series_header
+
+        try:
+            with open_series(raw, shown=name, max_unpacked=self.max_volume_bytes) as series:
+                header = series_header(series)
+                columns, rows, count = series.shape
+                if columns * rows * count * 4 > self.max_volume_bytes:
+                    raise InputRejected(413, self._too_many_voxels(name, series.shape, "float32"))
+                self._check_geometry(header, name, request_id)
+                self._admit()
+                try:
+                    with self._slots:
+                        path = raw.with_name("series.nii")
+                        nib.save(nib.Nifti1Image(load_series(series), series.affine), path)
+                        result = self._profile_and_predict(
+                            path, header, name, request_id, {"series": _series_record(series)}
+                        )
+                        if output != "dicom-seg":
+                            return result
+                        return self._as_dicom_seg(result, series, source_datasets(series))
+                finally:
+                    with self._in_flight_lock:
+                        self._in_flight -= 1
+        except DatasetError as exc:
+            raise InputRejected(422, scrub_path(str(exc), raw, name)) from None
+
+    def _as_dicom_seg(self, result: Segmentation, series: Any, datasets: list) -> Segmentation:
+        import gzip
+        import io
+
+        import nibabel as nib
+
+        from mlpipe.inference.dicom_seg import class_names_for, mask_on_source, write_dicom_seg
+
+        image = nib.Nifti1Image.from_bytes(gzip.decompress(result.mask))
+        frames = mask_on_source(np.asarray(image.dataobj), image.affine, series.affine)
+        classes = [int(c) for c in result.class_volumes_ml]
+        names = class_names_for(sorted({*classes, *np.unique(frames).tolist()}), self.class_names)
+        seg = write_dicom_seg(
+            frames,
+            datasets,
+            names,
+            algorithm=self.source.name or "mlpipe model",
+            algorithm_version=str(self.source.version or ""),
+        )
+        buffer = io.BytesIO()
+        seg.save_as(buffer)
+        return Segmentation(
+            mask=buffer.getvalue(),
+            class_volumes_ml=result.class_volumes_ml,
+            shape=result.shape,
+            name=result.name,
+            output="dicom-seg",
+        )
+
+    def _too_many_voxels(self, name: str, shape: Any, dtype: str) -> str:
+        return (
+            f"{name} declares a {'x'.join(map(str, shape))} {dtype} volume, more than this "
+            f"server's limit of {size_text(self.max_volume_bytes)} of voxels; refused from its "
+            "header without reading the body. Crop or downsample it."
+        )
+
+    def _check_geometry(self, header: Any, name: str, request_id: str) -> None:
+        """Spacing and shape against the training profile, from the header alone."""
+        problems = (
+            self.limits.problems(header.spacing, header.spatial_shape, header.orientation)
+            if self.limits
+            else []
+        )
+        if not problems:
+            return
+        entry = {
+            "image": name,
+            "shape": list(header.spatial_shape),
+            "spacing": [round(float(s), 6) for s in header.spacing],
+            "orientation": header.orientation,
+            "dtype": header.dtype,
+            "profiled": False,  # refused from the header: its voxels were never read
+        }
+        self._record(entry, request_id, "refused")
+        raise InputRejected(
+            422,
+            f"{name}: {'; '.join(problems)}. The model was not trained on volumes like "
+            "this; resample the volume to a spacing and size near the training data.",
+        )
 
     def _admit(self) -> None:
         """Count the request in, or refuse it when ``max_queue`` already wait."""
@@ -141,25 +270,14 @@ class Segmenter:
             self._in_flight += 1
 
     def _profile_and_predict(
-        self, path: Path, header: Any, name: str, request_id: str
+        self, path: Path, header: Any, name: str, request_id: str, extra: dict | None = None
     ) -> Segmentation:
         try:
             entry = profile_volume(path)
         except DatasetError as exc:
             raise InputRejected(400, scrub_path(str(exc), path, name)) from None
         entry["image"] = name
-        problems = (
-            self.limits.problems(header.spacing, header.spatial_shape, header.orientation)
-            if self.limits
-            else []
-        )
-        if problems:
-            self._record(entry, request_id, "refused")
-            raise InputRejected(
-                422,
-                f"{name}: {'; '.join(problems)}. The model was not trained on volumes like "
-                "this; resample the volume to a spacing and size near the training data.",
-            )
+        entry.update(extra or {})
         out = self._predict(path, name)
         self._record(entry, request_id, "served")
         return out
@@ -200,3 +318,24 @@ class Segmenter:
             "outcome": outcome,
         }
         self.profiles.append(entry)
+
+
+def _series_record(series: Any) -> dict:
+    """How a served series is named in the profile record: a salted hash of its
+    SeriesInstanceUID and one hash over its files' hashes; never a header attribute."""
+    import hashlib
+
+    from mlpipe.data.dicom import series_file_digest, series_key
+
+    hashes = []
+    for file in series.files:
+        digest = hashlib.sha256()
+        with open(file, "rb") as stream:
+            while chunk := stream.read(1 << 20):
+                digest.update(chunk)
+        hashes.append(digest.hexdigest())
+    return {
+        "key": series_key(series.series_uid),
+        "slices": len(series.files),
+        "files_sha256": series_file_digest(hashes),
+    }

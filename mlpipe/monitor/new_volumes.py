@@ -23,18 +23,22 @@ if TYPE_CHECKING:
 
 
 def find_images(folder: str | os.PathLike[str]) -> list[Path]:
-    """NIfTI images under ``folder``: labels (``*_label.nii*``, ``labels*/``) are skipped.
+    """NIfTI images and DICOM series under ``folder``: labels (``*_label.nii*``, ``labels*/``)
+    are skipped.
 
     New data is often images only; when it is a Decathlon or ``<case>_image`` dataset, its
-    labels are not part of what the model sees, so they are left out.
+    labels are not part of what the model sees, so they are left out. A folder whose files
+    are DICOM is one series (one volume); a ``.zip`` of a series counts too.
 
     Raises:
         UsageError: the folder does not exist or holds no volumes.
     """
-    from mlpipe.data.volumes import is_volume
+    from mlpipe.data.volumes import is_series, is_volume
 
     root = Path(folder)
-    if root.is_file() and is_volume(root):
+    if root.is_file() and (is_volume(root) or is_series(root)):
+        return [root]
+    if root.is_dir() and is_series(root):
         return [root]
     if not root.is_dir():
         raise UsageError(
@@ -46,14 +50,20 @@ def find_images(folder: str | os.PathLike[str]) -> list[Path]:
         dirs[:] = sorted(
             d for d in dirs if not d.startswith(".") and not d.lower().startswith("labels")
         )
+        series = [d for d in dirs if is_series(Path(here) / d)]
+        dirs[:] = [d for d in dirs if d not in series]  # a series folder is one volume
+        images.extend(Path(here) / d for d in series)
         for name in sorted(files):
+            if name.lower().endswith(".zip") and is_series(Path(here) / name):
+                images.append(Path(here) / name)
+                continue
             if name.startswith(".") or not is_volume(name):
                 continue
             if re.search(r"_label\.nii(\.gz)?$", name, re.IGNORECASE):
                 continue
             images.append(Path(here) / name)
     if not images:
-        raise UsageError(f"No NIfTI volumes (.nii, .nii.gz) found in {folder}.")
+        raise UsageError(f"No NIfTI volumes (.nii, .nii.gz) or DICOM series found in {folder}.")
     return images
 
 
@@ -112,6 +122,8 @@ def read_serving_profiles(
             except ValueError:
                 skipped += 1
                 continue
+            if isinstance(entry, dict) and entry.get("profiled") is False:
+                continue  # refused from its header: geometry only, nothing to compare
             if not isinstance(entry, dict) or not _usable(entry):
                 skipped += 1
                 continue

@@ -2,8 +2,9 @@
 
 Routes:
 
-* ``POST /segment``: multipart upload of a ``.nii``/``.nii.gz`` -> the mask as ``.nii.gz``
-  (the input's shape and affine), per-class volumes in the ``X-Class-Volumes-ml`` header;
+* ``POST /segment``: multipart upload of a ``.nii``/``.nii.gz`` or a DICOM series ``.zip`` ->
+  the mask as ``.nii.gz`` (the input's shape and affine), or with ``?format=dicom-seg`` a
+  DICOM SEG over the series; per-class volumes in the ``X-Class-Volumes-ml`` header;
 * ``POST /segment/json``: ``{"nifti_base64": ...}`` -> ``{"mask_base64", "class_volumes_ml",
   "shape", ...}``;
 * ``GET /model``: which model, version, run, dataset and preprocessing this server runs;
@@ -27,9 +28,9 @@ import hmac
 import json
 import logging
 import secrets
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from fastapi import Depends, FastAPI, File, HTTPException, Request, UploadFile
+from fastapi import Depends, FastAPI, File, HTTPException, Query, Request, UploadFile
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from fastapi.security import HTTPBearer
@@ -126,8 +127,12 @@ def create_app(state: ServeState) -> FastAPI:
         dependencies=secured,
         responses={
             200: {
-                "description": "The mask as .nii.gz, in the input's own voxel grid.",
-                "content": {"application/gzip": {"schema": {"type": "string", "format": "binary"}}},
+                "description": "The mask as .nii.gz, in the input's own voxel grid (or a DICOM "
+                "SEG with format=dicom-seg).",
+                "content": {
+                    "application/gzip": {"schema": {"type": "string", "format": "binary"}},
+                    "application/dicom": {"schema": {"type": "string", "format": "binary"}},
+                },
                 "headers": {
                     "X-Class-Volumes-ml": {
                         "description": 'JSON: volume of each class in mL, e.g. {"1": 12.3}',
@@ -145,26 +150,39 @@ def create_app(state: ServeState) -> FastAPI:
         },
     )
     async def segment(
-        file: Annotated[UploadFile, File(description="A 3D volume: .nii or .nii.gz.")],
+        file: Annotated[
+            UploadFile,
+            File(description="A 3D volume: .nii or .nii.gz, or a DICOM series as a .zip."),
+        ],
+        format: Annotated[
+            Literal["nifti", "dicom-seg"],
+            Query(description="nifti: the mask as .nii.gz; dicom-seg: a DICOM SEG (series only)"),
+        ] = "nifti",
     ) -> Response:
-        """Upload a CT or MRI volume; the answer is its label mask as a `.nii.gz` file.
+        """Upload a CT or MRI volume (NIfTI, or a DICOM series zipped); the answer is its label
+        mask as a `.nii.gz` file, or with `format=dicom-seg` as a DICOM SEG over the series.
 
         The mask has the input's shape and affine (orientation and spacing), so it overlays
-        the input in any viewer. Per-class volumes in mL are in the `X-Class-Volumes-ml`
-        header.
+        the input in any viewer; a DICOM SEG references the uploaded slices, one segment per
+        class. Per-class volumes in mL are in the `X-Class-Volumes-ml` header.
         """
         request_id = _new_id()
         name = safe_upload_name(file.filename)
         result = await _call(
-            lambda: segmenter.segment_stream(file.file, name, request_id), name, request_id
+            lambda: segmenter.segment_stream(file.file, name, request_id, format),
+            name,
+            request_id,
         )
         if isinstance(result, Response):
             return result
+        seg = result.output == "dicom-seg"
         return Response(
             content=result.mask,
-            media_type="application/gzip",
+            media_type="application/dicom" if seg else "application/gzip",
             headers={
-                "Content-Disposition": f'attachment; filename="{mask_file_name(name)}"',
+                "Content-Disposition": (
+                    f'attachment; filename="{mask_file_name(name, result.output)}"'
+                ),
                 **_result_headers(result, source.version, request_id),
             },
         )
@@ -301,7 +319,8 @@ def _description(state: ServeState) -> str:
     info = state.describe()
     dataset = info["dataset"]
     lines = [
-        "Upload a 3D CT or MRI volume (`.nii` or `.nii.gz`) to **POST /segment**: choose the "
+        "Upload a 3D CT or MRI volume (`.nii` or `.nii.gz`, or a DICOM series as a `.zip`) to "
+        "**POST /segment** (`format=dicom-seg` answers a series with a DICOM SEG): choose the "
         "file, press **Execute**, then **Download file** to get the mask (`.nii.gz`, same "
         "shape and orientation as the upload; per-class volumes in mL in the "
         "`X-Class-Volumes-ml` header).",

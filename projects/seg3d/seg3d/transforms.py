@@ -17,6 +17,9 @@ if TYPE_CHECKING:
 KEYS = ("image", "label")
 
 
+DICOM_READER = "mlpipe.data.monai_reader.DicomSeriesReader"
+
+
 def base_transforms(
     config: TrainConfig, keys: tuple[str, ...] = KEYS, *, intensity: bool = True
 ) -> list:
@@ -37,7 +40,9 @@ def base_transforms(
     keys = list(keys)
     modes = ["bilinear" if k == "image" else "nearest" for k in keys]
     chain = [
-        LoadImaged(keys=keys, image_only=True),
+        # A DICOM series (folder, .zip) is read by mlpipe's reader (slices along the normal,
+        # HU); NIfTI still goes to MONAI's own. A dotted name keeps the chain JSON.
+        LoadImaged(keys=keys, image_only=True, reader=DICOM_READER),
         EnsureChannelFirstd(keys=keys),
         Orientationd(keys=keys, axcodes="RAS", labels=None),
         Spacingd(keys=keys, pixdim=config.spacing, mode=modes),
