@@ -339,7 +339,7 @@ def test_log_metrics_int64_edges_accepted_and_stored(batcher, client, run_id):
 def test_log_metrics_timestamp_outside_int64_refused(batcher):
     with pytest.raises(ValueError, match="timestamp_ms of metric"):
         batcher.log_metrics({"loss": 0.5}, timestamp_ms=2**64)
-    with pytest.raises(ValueError, match="timestamp_ms.*not an integer"):
+    with pytest.raises(ValueError, match=r"timestamp_ms.*not an integer"):
         batcher.log_metrics({"loss": 0.5}, timestamp_ms=float("nan"))
 
 
@@ -354,7 +354,7 @@ def sneak(batcher: MetricBatcher, points: list[tuple[str, float, int, int]]) -> 
 def test_refused_batch_is_split_and_only_the_bad_point_dropped(batcher, client, run_id, caplog):
     now = int(time.time() * 1000)
     good = [("loss", 1.0 / (i + 1), now, i) for i in range(110)]
-    sneak(batcher, good[:50] + [("loss", 0.5, now, 2**63)] + good[50:])
+    sneak(batcher, [*good[:50], ("loss", 0.5, now, 2**63), *good[50:]])
     started = time.perf_counter()
     batcher.flush()  # refused points are reported, not raised
     elapsed = time.perf_counter() - started

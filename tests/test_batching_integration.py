@@ -118,7 +118,7 @@ def test_refused_point_against_server_drops_only_itself(mlflow_server, caplog):
     run_id = new_run(client)
     batcher = MetricBatcher(client, run_id)
     try:
-        with pytest.raises(ValueError, match="'loss'.*outside the range"):
+        with pytest.raises(ValueError, match=r"'loss'.*outside the range"):
             batcher.log_metrics({"loss": 0.5}, step=2**63)
         now = int(time.time() * 1000)
         points = [("loss", float(i), now, i) for i in range(110)]
