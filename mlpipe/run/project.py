@@ -125,7 +125,8 @@ def load_project(directory: str | os.PathLike[str]) -> Project:
     """Read a project folder and lint it; findings are attached, not raised.
 
     Raises:
-        ProjectError: the folder does not exist.
+        ProjectError: the folder does not exist, or its MLproject cannot be read as UTF-8 text
+            (a folder, a binary file, no permission).
     """
     folder = Path(directory).resolve()
     if not folder.is_dir():
@@ -142,6 +143,35 @@ def load_project(directory: str | os.PathLike[str]) -> Project:
     return _Linter(folder, mlproject).run()
 
 
+def _read_mlproject(path: Path) -> str:
+    """The MLproject's text; a file that cannot be read as UTF-8 text is a ``ProjectError``.
+
+    Checked with ``stat`` before opening, so a folder or a named pipe called MLproject is
+    refused by name instead of raising ``IsADirectoryError`` or blocking on the pipe.
+    """
+    import stat
+
+    try:
+        mode = path.stat().st_mode
+    except OSError as exc:
+        raise ProjectError(f"{path} cannot be read: {exc.strerror or exc}.") from exc
+    if not stat.S_ISREG(mode):
+        what = "a folder" if stat.S_ISDIR(mode) else "not a regular file"
+        raise ProjectError(
+            f"{path} is {what}; the MLproject must be a YAML text file. Rename or remove it, "
+            "then write the file (`mlpipe init` writes one)."
+        )
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ProjectError(
+            f"{path} is not UTF-8 text (byte {exc.start}: {exc.reason}); the MLproject must be "
+            "a YAML text file saved as UTF-8."
+        ) from exc
+    except OSError as exc:
+        raise ProjectError(f"{path} cannot be read: {exc.strerror or exc}.") from exc
+
+
 class _Linter:
     """Builds the Project and its findings from one pass over the YAML node tree."""
 
@@ -152,7 +182,7 @@ class _Linter:
         self.convention = False
 
     def run(self) -> Project:
-        text = self.path.read_text(encoding="utf-8")
+        text = _read_mlproject(self.path)
         try:
             root = yaml.compose(text, Loader=yaml.SafeLoader)
             data = yaml.safe_load(text)
