@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 import urllib.parse
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 MASK = "***"
 
@@ -170,3 +170,77 @@ def has_secret(uri: str | None) -> bool:
 def _scrub_patterns(text: str) -> str:
     text = _USERINFO.sub(lambda m: f"{m['scheme']}{MASK}@", text)
     return _KEYWORD.sub(lambda m: f"{m['key']}{m['sep']}{MASK}", text)
+
+
+REEXEC_ENV = "MLPIPE_SECRETS_MOVED"
+"""Set in the re-executed process so that it never re-executes again."""
+
+
+def argv_without(argv: Sequence[str], flags: Mapping[str, str]) -> tuple[list[str], dict[str, str]]:
+    """``argv`` with every ``--flag VALUE`` / ``--flag=VALUE`` of ``flags`` removed.
+
+    Args:
+        argv: the command line after the program (``sys.argv[1:]``).
+        flags: option -> the environment variable the same option reads.
+
+    Returns:
+        The remaining arguments and the environment variables that now carry the values.
+    """
+    rest: list[str] = []
+    moved: dict[str, str] = {}
+    args = list(argv)
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        name, eq, value = arg.partition("=")
+        if arg == "--":
+            rest += args[i:]
+            break
+        if eq and name in flags:
+            moved[flags[name]] = value
+        elif arg in flags and i + 1 < len(args):
+            moved[flags[arg]] = args[i + 1]
+            i += 1
+        else:
+            rest.append(arg)
+        i += 1
+    return rest, moved
+
+
+def reexec_without_secrets(
+    flags: Mapping[str, str], warn: Callable[[str], None], module: str = "mlpipe.cli"
+) -> None:
+    """Re-execute this process with secret-bearing options moved into its environment.
+
+    A password on the command line is readable by every user of the machine for as long as
+    the process runs (``ps``, ``/proc/PID/cmdline``), and Python cannot portably overwrite
+    its own argv: so the process replaces itself (same PID, ``os.execve``) with the options
+    taken out and the values put in the environment variables the same options read, which
+    only the same user can see. Does nothing when no such option holds a secret, when the
+    values are not in ``sys.argv`` (a library call, a test runner), or when already done.
+
+    Args:
+        flags: option -> environment variable the option also reads.
+        warn: prints the warning that says how to pass the value safely next time.
+        module: what ``python -m`` runs again.
+    """
+    import os
+    import sys
+
+    if os.environ.get(REEXEC_ENV):
+        return
+    rest, moved = argv_without(sys.argv[1:], flags)
+    secret = {name: value for name, value in moved.items() if has_secret(value)}
+    if not secret:
+        return
+    names = ", ".join(sorted(secret))
+    warn(
+        "a password was given on the command line, where every user of this machine can read "
+        f"it (ps, /proc) while the server runs; mlpipe moved it into its environment ({names}) "
+        "and restarted itself. Next time export it instead, or keep it out of the URI and set "
+        "PGPASSWORD or a ~/.pgpass file (PGPASSFILE)."
+    )
+    sys.stdout.flush()
+    sys.stderr.flush()
+    env = {**os.environ, **moved, REEXEC_ENV: "1"}
+    os.execve(sys.executable, [sys.executable, "-m", module, *rest], env)
