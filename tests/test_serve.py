@@ -648,3 +648,15 @@ def test_bind_makes_a_tcp_socket_so_answers_are_not_delayed():
         assert sock.getsockname()[1] > 0
     finally:
         sock.close()
+
+
+def test_request_validation_error_is_short_and_echoes_no_input(client):
+    """Issue 20: FastAPI's own 422 echoed the whole request (600 KB of base64)."""
+    planted = "QUFB" * 150_000  # 600 KB in a field the endpoint does not know
+    response = client.post("/segment/json", json={"wrong_field": planted, "filename": 7})
+    assert response.status_code == 422
+    assert len(response.content) < 1000
+    assert "QUFB" not in response.text
+    body = response.json()
+    assert "nifti_base64" in body["detail"] and body["detail"].startswith("Invalid request")
+    assert response.headers["X-Request-Id"] == body["request_id"]
