@@ -129,7 +129,7 @@ def plan_run(request: RunRequest) -> RunPlan:
     given = parse_assignments(request.params)
     source = resolve_source(request.uri, request.version)
     try:
-        project = load_project(source.directory)
+        project = _as_published(load_project(source.directory), source)
         if project.errors:
             listed = "\n  ".join(str(f) for f in project.errors)
             raise ProjectError(
@@ -470,7 +470,37 @@ def _mlflow_errors():
         raise UsageError(str(getattr(exc, "message", exc))) from exc
 
 
+def _as_published(project: Project, source: ProjectSource) -> Project:
+    """Findings of a cloned project name the file by the URL the user gave, not by the
+    temporary clone (which is gone by the time anyone reads the message)."""
+    if source.temporary is None:
+        return project
+    import dataclasses
+
+    def relabel(finding):
+        try:
+            inside = Path(finding.file).relative_to(source.directory).as_posix()
+        except ValueError:
+            return finding
+        return dataclasses.replace(finding, file=f"{source.display_uri} ({inside})")
+
+    return dataclasses.replace(project, findings=tuple(relabel(f) for f in project.findings))
+
+
 def _check_options(request: RunRequest) -> None:
+    if request.experiment is not None:
+        # '' used to fall back silently to the MLproject's name; a control character makes
+        # an experiment nobody can type or see.
+        if not request.experiment.strip():
+            raise UsageError(
+                f"--experiment {request.experiment!r} is blank; give a name, or leave the "
+                "option out to use $MLFLOW_EXPERIMENT_NAME or the MLproject's name."
+            )
+        if not request.experiment.isprintable():
+            raise UsageError(
+                f"--experiment {request.experiment!r} holds control characters (a newline, a "
+                "tab); give a name of printable characters."
+            )
     if request.env_manager not in ENV_MANAGERS:
         raise UsageError(
             f"--env-manager {request.env_manager!r}: expected one of {', '.join(ENV_MANAGERS)}."
