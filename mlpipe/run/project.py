@@ -8,6 +8,7 @@ and ignores ``choices`` and the ``mlpipe:`` section, which are read here.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import os
 import string
@@ -84,6 +85,22 @@ class Project:
     @property
     def warnings(self) -> list[Finding]:
         return [f for f in self.findings if f.level == "warning"]
+
+    def shown_as(self, folder: Path, label: str) -> Project:
+        """The project with its findings' files under ``folder`` named ``label (relative)``.
+
+        For a cloned project: the temporary clone is gone by the time anyone reads a warning,
+        and the URL the user gave is what they recognise.
+        """
+
+        def relabel(finding: Finding) -> Finding:
+            try:
+                inside = Path(finding.file).relative_to(folder).as_posix()
+            except ValueError:
+                return finding
+            return dataclasses.replace(finding, file=f"{label} ({inside})")
+
+        return dataclasses.replace(self, findings=tuple(relabel(f) for f in self.findings))
 
     def entry_point(self, name: str) -> EntryPoint:
         """The declared entry point ``name``, or a script file of that name, as MLflow allows.

@@ -129,7 +129,9 @@ def plan_run(request: RunRequest) -> RunPlan:
     given = parse_assignments(request.params)
     source = resolve_source(request.uri, request.version)
     try:
-        project = _as_published(load_project(source.directory), source)
+        project = load_project(source.directory)
+        if source.temporary is not None:  # name files by the URL given, not the clone
+            project = project.shown_as(source.directory, source.display_uri)
         if project.errors:
             listed = "\n  ".join(str(f) for f in project.errors)
             raise ProjectError(
@@ -468,23 +470,6 @@ def _mlflow_errors():
         yield
     except (ExecutionException, MlflowException) as exc:
         raise UsageError(str(getattr(exc, "message", exc))) from exc
-
-
-def _as_published(project: Project, source: ProjectSource) -> Project:
-    """Findings of a cloned project name the file by the URL the user gave, not by the
-    temporary clone (which is gone by the time anyone reads the message)."""
-    if source.temporary is None:
-        return project
-    import dataclasses
-
-    def relabel(finding):
-        try:
-            inside = Path(finding.file).relative_to(source.directory).as_posix()
-        except ValueError:
-            return finding
-        return dataclasses.replace(finding, file=f"{source.display_uri} ({inside})")
-
-    return dataclasses.replace(project, findings=tuple(relabel(f) for f in project.findings))
 
 
 def _check_options(request: RunRequest) -> None:
