@@ -6,6 +6,7 @@ carried, so batch sizes and order can be checked; the data still goes to the sto
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import socket
@@ -366,3 +367,18 @@ def test_refused_batch_is_split_and_only_the_bad_point_dropped(batcher, client, 
     assert len(warned) == 1
     assert f"'loss' at step {2**63}" in warned[0] and "dropped" in warned[0]
     assert "too large" in warned[0]  # the store's reason, not "check the tracking server"
+
+
+def test_store_refusing_every_point_is_bounded_not_one_request_each(client, run_id, caplog):
+    """A store that refuses everything (here: a deleted run) must not be bisected point by
+    point: the batch is failed and raised, as a refusal of the run, not of its points."""
+    client.delete_run(run_id)
+    batcher = MetricBatcher(client, run_id, max_retries=0)
+    try:
+        batcher.log_metrics({f"m{i}": float(i) for i in range(200)}, step=1)
+        with pytest.raises(MetricsNotSentError, match="200 points"):
+            batcher.flush()
+        assert len(client.calls) <= 3 and batcher.dropped == 0
+    finally:
+        with contextlib.suppress(MetricsNotSentError):
+            batcher.close()

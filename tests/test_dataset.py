@@ -707,14 +707,14 @@ def test_build_manifest_error_is_a_usage_error_with_exit_2(tmp_path):
 
 
 # issue 20: entries that are not regular files are refused by name, never opened -------------
-def _decathlon(tmp_path: Path) -> Path:
+def _toy_dataset(tmp_path: Path) -> Path:
     from tests.conftest import write_nifti_dataset
 
     return write_nifti_dataset(tmp_path / "data", cases=2)
 
 
 def test_build_manifest_fifo_refused_without_opening(tmp_path):
-    data = _decathlon(tmp_path)
+    data = _toy_dataset(tmp_path)
     os.mkfifo(data / "imagesTr" / "x.nii.gz")
     os.mkfifo(data / "labelsTr" / "x.nii.gz")  # a label too, so pairing does not stop first
     outcome: list[BaseException | None] = []
@@ -735,7 +735,7 @@ def test_build_manifest_fifo_refused_without_opening(tmp_path):
 
 
 def test_build_manifest_symlink_loop_is_a_dataset_error(tmp_path):
-    data = _decathlon(tmp_path)
+    data = _toy_dataset(tmp_path)
     os.symlink("b.nii.gz", data / "imagesTr" / "a.nii.gz")
     os.symlink("a.nii.gz", data / "imagesTr" / "b.nii.gz")
     with pytest.raises(DatasetError, match=r"a\.nii\.gz is a symbolic link loop"):
@@ -747,7 +747,7 @@ def test_build_manifest_symlink_loop_is_a_dataset_error(tmp_path):
 
 
 def test_build_manifest_dangling_image_link_named_as_such(tmp_path):
-    data = _decathlon(tmp_path)
+    data = _toy_dataset(tmp_path)
     image = data / "imagesTr" / "case_1.nii.gz"
     image.unlink()
     image.symlink_to(tmp_path / "moved" / "case_1.nii.gz")
@@ -759,7 +759,7 @@ def test_build_manifest_dangling_image_link_named_as_such(tmp_path):
 
 
 def test_build_manifest_follows_a_good_symlink(tmp_path):
-    data = _decathlon(tmp_path)
+    data = _toy_dataset(tmp_path)
     image = data / "imagesTr" / "case_1.nii.gz"
     stored = tmp_path / "store.nii.gz"
     shutil.move(image, stored)
@@ -768,7 +768,7 @@ def test_build_manifest_follows_a_good_symlink(tmp_path):
 
 
 def test_csv_manifest_listing_a_fifo_refused(tmp_path):
-    data = _decathlon(tmp_path)
+    data = _toy_dataset(tmp_path)
     os.mkfifo(tmp_path / "pipe.nii.gz")
     manifest = tmp_path / "pairs.csv"
     manifest.write_text(f"image,label\npipe.nii.gz,{data / 'labelsTr' / 'case_0.nii.gz'}\n")

@@ -91,20 +91,43 @@ def as_int(value: object, what: str) -> int:
     return number
 
 
+_NOT_ABOUT_CONTENT = frozenset(
+    {"RESOURCE_DOES_NOT_EXIST", "PERMISSION_DENIED", "UNAUTHENTICATED", "TEMPORARILY_UNAVAILABLE"}
+)
+
+
+MAX_REFUSED_PER_BATCH = 50
+"""Bisection stops after this many refused points: the rest of the batch is reported failed
+with the same reason, instead of one request per point against a store refusing them all."""
+
+
+def _status(getter: Callable[[], object]) -> int | None:
+    try:
+        return int(getter())  # type: ignore[call-overload]
+    except (TypeError, ValueError):
+        return None
+
+
 def is_refusal(exc: Exception) -> bool:
     """The store (or the client serialising for it) said no to the batch's content.
 
     Then resending it unchanged cannot help, but splitting it can: the other points of the
     batch go through. Transport failures (server down, timeouts) are not refusals.
     """
+    code = str(getattr(exc, "error_code", "") or "")
+    text = str(getattr(exc, "message", None) or exc).lower()
+    # About the run or the caller, not the points: splitting would only repeat the refusal.
+    if code in _NOT_ABOUT_CONTENT or "lifecycle" in text or "must be in the 'active'" in text:
+        return False
+    status = getattr(exc, "get_http_status_code", None)
+    if callable(status) and _status(status) in (401, 403, 404):
+        return False
     if not is_retryable(exc):  # HTTP 4xx from a tracking server
         return True
     if isinstance(exc, (ValueError, TypeError, OverflowError)):
         return True  # the client's protobuf/JSON encoding refused a value ("out of range")
-    code = str(getattr(exc, "error_code", "") or "")
     if code in ("INVALID_PARAMETER_VALUE", "BAD_REQUEST", "RESOURCE_ALREADY_EXISTS"):
         return True
-    text = str(getattr(exc, "message", None) or exc).lower()
     if "api request" in text or "max retries" in text or "connection" in text:
         return False
     # A SQL store refusing a value ("Python int too large to convert to SQLite INTEGER",
@@ -177,7 +200,7 @@ def deliver(
         error = attempt(lambda c=chunk: send(c))
         if error is None:
             result.sent += len(chunk)
-        elif not is_refusal(error):
+        elif not is_refusal(error) or len(result.refused) >= MAX_REFUSED_PER_BATCH:
             result.failed.append((list(chunk), error))
         elif len(chunk) == 1:
             result.refused.append((chunk[0], error))

@@ -80,6 +80,7 @@ from mlpipe.core.store_limits import (
     deliver,
     first_line,
     is_refusal,
+    is_retryable,
     metric_points,
     param_values,
 )
@@ -475,14 +476,9 @@ class MetricBatcher:
                 self.run_id,
             )
         with self._cond:
-            if kind == "metrics":
-                self._metrics_done += len(refused)
-            else:
-                self._params_done += len(refused)
-            self._in_flight = max(self._in_flight - len(refused), 0)
             self._dropped += len(refused)
             total = self._dropped
-            self._cond.notify_all()
+        # Tagged before the points count as done, so a flush() that returns sees the tag.
         error = self._attempt(
             lambda: self.client.set_tag(self.run_id, DROPPED_TAG, str(total), synchronous=True)
         )
@@ -493,6 +489,13 @@ class MetricBatcher:
                 DROPPED_TAG,
                 first_line(error),
             )
+        with self._cond:
+            if kind == "metrics":
+                self._metrics_done += len(refused)
+            else:
+                self._params_done += len(refused)
+            self._in_flight = max(self._in_flight - len(refused), 0)
+            self._cond.notify_all()
 
     def _attempt(self, send: Callable[[], object]) -> Exception | None:
         """Call ``send`` until it succeeds or the retries are spent; returns the last error."""
@@ -502,7 +505,7 @@ class MetricBatcher:
                 send()
                 return None
             except Exception as exc:  # the store raises MlflowException, requests, OSError
-                if attempt >= self.max_retries or is_refusal(exc):
+                if attempt >= self.max_retries or not is_retryable(exc) or is_refusal(exc):
                     return exc
                 delay = min(self.retry_backoff * 2**attempt, MAX_BACKOFF_S)
                 attempt += 1
