@@ -235,13 +235,17 @@ def metric_points(
         raise ValueError(
             f"metrics must be a mapping of name -> number, not {type(metrics).__name__}"
         )
-    names = ", ".join(repr(k) for k in list(metrics)[:5])
-    step = 0 if step is None else as_int(step, f"step of metric(s) {names}")
-    stamp = (
-        int(time.time() * 1000)
-        if timestamp_ms is None
-        else as_int(timestamp_ms, f"timestamp_ms of metric(s) {names}")
-    )
+    try:
+        step = 0 if step is None else as_int(step, "step")
+        stamp = (
+            int(time.time() * 1000)
+            if timestamp_ms is None
+            else as_int(timestamp_ms, "timestamp_ms")
+        )
+    except ValueError as exc:  # the names only now: building them costs on every call
+        names = ", ".join(repr(k) for k in list(metrics)[:5])
+        what, _, rest = str(exc).partition(":")
+        raise ValueError(f"{what} of metric(s) {names}:{rest}") from None
     points = []
     for key, value in metrics.items():
         if known_names is None or key not in known_names:
