@@ -116,13 +116,11 @@ def secret_parts(uri: str | None) -> list[str]:
         return []
     if "@" in parsed.netloc:
         userinfo = parsed.netloc.rpartition("@")[0]
-        user, _, password = userinfo.partition(":")
-        for text in (password, userinfo if not password else ""):
-            if text:
-                parts.append(text)
-                parts.append(urllib.parse.unquote(text))
-                parts.extend(piece for piece in re.split(r"[@:]", text) if len(piece) >= 3)
-        del user
+        password = userinfo.partition(":")[2]
+        # Without a password, the user part may itself be the secret (https://TOKEN@host).
+        text = password or userinfo
+        parts += [text, urllib.parse.unquote(text)]
+        parts += [piece for piece in re.split(r"[@:]", text) if len(piece) >= 3]
     for key, value in urllib.parse.parse_qsl(parsed.query, keep_blank_values=True):
         if key.lower() in SECRET_QUERY_KEYS and value:
             parts.append(value)
