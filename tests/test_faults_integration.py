@@ -312,7 +312,7 @@ def test_s3_stopped_during_upload_is_retried_then_one_clear_error(tmp_path, moto
         elapsed = time.monotonic() - began
     assert process.returncode == 1
     last = stderr.strip().splitlines()[-1]
-    assert last.startswith("mlpipe.errors.TrackingUnavailableError: Uploading checkpoint.pt")
+    assert last.startswith("mlpipe.core.errors.TrackingUnavailableError: Uploading checkpoint.pt")
     assert f"to run {run_id} through {server.url}" in last
     assert "MLFLOW_HTTP_REQUEST_MAX_RETRIES=2" in last
     assert "artifact store, e.g. S3, may be down" in last
