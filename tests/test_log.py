@@ -223,3 +223,16 @@ def test_bad_input_outside_a_run_starts_no_run(tracking, call, match):
         mlog.metrics({"loss": 0.5}, step=1)
     mlog.flush()
     assert [m.step for m in tracking.get_metric_history(run.info.run_id, "loss")] == [1]
+
+
+def test_dataset_with_a_named_pipe_refused_without_a_run(tracking, tmp_path):
+    """Issue 20: a FIFO named x.nii.gz made mlog.dataset hang forever."""
+    import os
+
+    data = write_nifti_dataset(tmp_path / "data", cases=2)
+    os.mkfifo(data / "imagesTr" / "x.nii.gz")
+    os.mkfifo(data / "labelsTr" / "x.nii.gz")
+    with pytest.raises(DatasetError, match=r"x\.nii\.gz is a named pipe"):
+        mlog.dataset(data)
+    assert mlflow.active_run() is None
+    assert all_runs(tracking) == []
