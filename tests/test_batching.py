@@ -6,6 +6,7 @@ carried, so batch sizes and order can be checked; the data still goes to the sto
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import socket
@@ -178,11 +179,13 @@ def test_log_params_changed_value_raises_value_error(batcher):
 def test_log_params_refused_param_loses_only_itself(batcher, client, run_id, caplog):
     client.log_param(run_id, "lr", "1e-4")  # as `mlpipe run -P lr=1e-4` would have
     batcher.log_params({"lr": 0.0001, "epochs": 10, "model": "unet"})  # str(0.0001) differs
-    with pytest.raises(MetricsNotSentError, match="1 points") as info:
-        batcher.flush()
-    assert info.value.failed == 1
-    assert client.get_run(run_id).data.params == {"lr": "1e-4", "epochs": "10", "model": "unet"}
-    assert any("1 params" in r.getMessage() for r in caplog.records)
+    batcher.flush()  # a refusal is reported by name and counted in a tag, not raised
+    assert batcher.dropped == 1 and batcher.failed == 0
+    data = client.get_run(run_id).data
+    assert data.params == {"lr": "1e-4", "epochs": "10", "model": "unet"}
+    assert data.tags["mlpipe.log.dropped_points"] == "1"
+    refused = [r.getMessage() for r in caplog.records if "refused param 'lr'" in r.getMessage()]
+    assert len(refused) == 1 and "dropped" in refused[0]
 
 
 def test_flush_idempotent(batcher, client, run_id):
@@ -241,7 +244,7 @@ def test_log_metrics_bad_name_raises_value_error(batcher, key):
 
 
 def test_log_metrics_bad_step_raises_value_error(batcher):
-    with pytest.raises(ValueError, match=r"step: 1\.5 is not an integer"):
+    with pytest.raises(ValueError, match=r"step of metric\(s\) 'loss': 1\.5 is not an integer"):
         batcher.log_metrics({"loss": 1.0}, step=1.5)
 
 
@@ -315,3 +318,67 @@ def test_flush_all_flushes_every_open_batcher(client, run_id):
     assert client.get_run(other).data.metrics == {"loss": 2.0}
     one.close()
     two.close()
+
+
+# issue 20: a point the store cannot hold must not take its batch down -----------------------
+@pytest.mark.parametrize("step", [2**63, 10**30, -(2**63) - 1])
+def test_log_metrics_step_outside_int64_refused_at_call(batcher, step):
+    started = time.perf_counter()
+    with pytest.raises(ValueError, match=r"'loss'.*outside the range MLflow stores"):
+        batcher.log_metrics({"loss": 0.5}, step=step)
+    assert time.perf_counter() - started < 0.01  # checked in the caller's line, not at send
+    assert batcher.pending == 0
+
+
+def test_log_metrics_int64_edges_accepted_and_stored(batcher, client, run_id):
+    batcher.log_metrics({"edge": 1.0}, step=2**63 - 1)
+    batcher.log_metrics({"edge": 2.0}, step=-(2**63))
+    batcher.flush()
+    assert sorted(step for step, _, _ in history(client, run_id, "edge")) == [-(2**63), 2**63 - 1]
+
+
+def test_log_metrics_timestamp_outside_int64_refused(batcher):
+    with pytest.raises(ValueError, match="timestamp_ms of metric"):
+        batcher.log_metrics({"loss": 0.5}, timestamp_ms=2**64)
+    with pytest.raises(ValueError, match=r"timestamp_ms.*not an integer"):
+        batcher.log_metrics({"loss": 0.5}, timestamp_ms=float("nan"))
+
+
+def sneak(batcher: MetricBatcher, points: list[tuple[str, float, int, int]]) -> None:
+    """Queue points without the call-side check: a store limit mlpipe does not know about yet
+    (or another MLflow version's) is what the split-and-resend has to survive."""
+    with batcher._cond:
+        batcher._metrics.extend(points)
+        batcher._metrics_queued += len(points)
+
+
+def test_refused_batch_is_split_and_only_the_bad_point_dropped(batcher, client, run_id, caplog):
+    now = int(time.time() * 1000)
+    good = [("loss", 1.0 / (i + 1), now, i) for i in range(110)]
+    sneak(batcher, [*good[:50], ("loss", 0.5, now, 2**63), *good[50:]])
+    started = time.perf_counter()
+    batcher.flush()  # refused points are reported, not raised
+    elapsed = time.perf_counter() - started
+    assert elapsed < 2.0, f"the refused batch took {elapsed:.1f} s (retried instead of split?)"
+    assert [step for step, _, _ in history(client, run_id, "loss")] == list(range(110))
+    assert batcher.dropped == 1 and batcher.failed == 0
+    assert client.get_run(run_id).data.tags["mlpipe.log.dropped_points"] == "1"
+    warned = [r.getMessage() for r in caplog.records if "refused metric" in r.getMessage()]
+    assert len(warned) == 1
+    assert f"'loss' at step {2**63}" in warned[0] and "dropped" in warned[0]
+    assert "too large" in warned[0]  # the store's reason, not "check the tracking server"
+
+
+def test_store_refusing_every_point_is_bounded_not_one_request_each(client, run_id, caplog):
+    """A store that refuses everything (here: a deleted run) must not be bisected point by
+    point: the batch is failed and raised, as a refusal of the run, not of its points."""
+    client.delete_run(run_id)
+    batcher = MetricBatcher(client, run_id, max_retries=0)
+    try:
+        batcher.log_metrics({f"m{i}": float(i) for i in range(200)}, step=1)
+        with pytest.raises(MetricsNotSentError, match="200 points"):
+            batcher.flush()
+        assert len(client.calls) <= 3 and batcher.dropped == 0
+    finally:
+        with contextlib.suppress(MetricsNotSentError):
+            batcher.close()

@@ -108,3 +108,30 @@ def test_process_exit_unreachable_server_warns_about_lost_points(tmp_path):
     assert "25 metric points for run" in out.stderr
     assert "25 points (metrics and params)" in out.stderr and "are lost" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_refused_point_against_server_drops_only_itself(mlflow_server, caplog):
+    """Issue 20: against a real server a step beyond int64 used to fail its whole batch (110
+    good points lost) after 15.6 s of retries; now the call refuses it, and a point that
+    still reaches the sender is split out of its batch."""
+    client = MlflowClient(mlflow_server)
+    run_id = new_run(client)
+    batcher = MetricBatcher(client, run_id)
+    try:
+        with pytest.raises(ValueError, match=r"'loss'.*outside the range"):
+            batcher.log_metrics({"loss": 0.5}, step=2**63)
+        now = int(time.time() * 1000)
+        points = [("loss", float(i), now, i) for i in range(110)]
+        points.insert(60, ("loss", 0.5, now, 10**30))
+        with batcher._cond:  # past the call-side check, as a limit mlpipe does not know
+            batcher._metrics.extend(points)
+            batcher._metrics_queued += len(points)
+        started = time.perf_counter()
+        batcher.flush()
+        assert time.perf_counter() - started < 2.0
+    finally:
+        batcher.close()
+    steps = [m.step for m in client.get_metric_history(run_id, "loss")]
+    assert sorted(steps) == list(range(110))
+    assert client.get_run(run_id).data.tags["mlpipe.log.dropped_points"] == "1"
+    assert any(f"at step {10**30}" in r.getMessage() for r in caplog.records)

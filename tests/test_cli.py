@@ -71,8 +71,28 @@ def test_user_error_is_one_line_without_traceback(tmp_path):
     assert "Traceback" not in result.output
 
 
-def test_debug_reraises_user_error(tmp_path):
-    from mlpipe.core.errors import SourceError
-
+def test_debug_prints_traceback_and_keeps_exit_code(tmp_path):
+    """Issue 20: --debug used to re-raise, turning an exit 2 into exit 1."""
     result = CliRunner().invoke(cli, ["--debug", "run", str(tmp_path / "nope")])
-    assert isinstance(result.exception, SourceError)
+    assert result.exit_code == 2
+    assert "Traceback" in result.output and "SourceError" in result.output
+    assert result.output.rstrip().splitlines()[-1].startswith("Error: ")
+
+
+@pytest.mark.parametrize("debug", [[], ["--debug"]])
+@pytest.mark.parametrize("command", ["run", "validate"])
+@pytest.mark.parametrize("broken", ["directory", "binary"])
+def test_unreadable_mlproject_is_exit_2(tmp_path, broken, command, debug):
+    """Issue 20: an MLproject that is a folder or not UTF-8 crashed with exit 1."""
+    project = tmp_path / "proj"
+    project.mkdir()
+    if broken == "directory":
+        (project / "MLproject").mkdir()
+    else:
+        (project / "MLproject").write_bytes(b"name: x\n\xff\xfe\x00binary\x89PNG")
+    result = CliRunner().invoke(cli, [*debug, command, str(project)])
+    assert result.exit_code == 2, result.output
+    assert "MLproject" in result.output
+    assert ("Traceback" in result.output) == bool(debug)
+    expected = "is a folder" if broken == "directory" else "is not UTF-8 text"
+    assert expected in result.output

@@ -704,3 +704,73 @@ def test_build_manifest_error_is_a_usage_error_with_exit_2(tmp_path):
     with pytest.raises(DatasetError) as error:
         build_manifest(tmp_path / "absent")
     assert error.value.exit_code == 2
+
+
+# issue 20: entries that are not regular files are refused by name, never opened -------------
+def _toy_dataset(tmp_path: Path) -> Path:
+    from tests.conftest import write_nifti_dataset
+
+    return write_nifti_dataset(tmp_path / "data", cases=2)
+
+
+def test_build_manifest_fifo_refused_without_opening(tmp_path):
+    data = _toy_dataset(tmp_path)
+    os.mkfifo(data / "imagesTr" / "x.nii.gz")
+    os.mkfifo(data / "labelsTr" / "x.nii.gz")  # a label too, so pairing does not stop first
+    outcome: list[BaseException | None] = []
+
+    def scan() -> None:
+        try:
+            build_manifest(data, cache=False)
+            outcome.append(None)
+        except BaseException as exc:  # handed to the test thread
+            outcome.append(exc)
+
+    worker = threading.Thread(target=scan, daemon=True)  # a hang must fail, not block pytest
+    worker.start()
+    worker.join(timeout=10)
+    assert outcome, "build_manifest hung on a named pipe"
+    assert isinstance(outcome[0], DatasetError)
+    assert f"{data / 'imagesTr' / 'x.nii.gz'} is a named pipe (FIFO)" in str(outcome[0])
+
+
+def test_build_manifest_symlink_loop_is_a_dataset_error(tmp_path):
+    data = _toy_dataset(tmp_path)
+    os.symlink("b.nii.gz", data / "imagesTr" / "a.nii.gz")
+    os.symlink("a.nii.gz", data / "imagesTr" / "b.nii.gz")
+    with pytest.raises(DatasetError, match=r"a\.nii\.gz is a symbolic link loop"):
+        build_manifest(data, cache=False)
+    os.symlink("loop2", tmp_path / "loop1")
+    os.symlink("loop1", tmp_path / "loop2")
+    with pytest.raises(DatasetError, match="loop1 is a symbolic link loop"):
+        build_manifest(tmp_path / "loop1", cache=False)
+
+
+def test_build_manifest_dangling_image_link_named_as_such(tmp_path):
+    data = _toy_dataset(tmp_path)
+    image = data / "imagesTr" / "case_1.nii.gz"
+    image.unlink()
+    image.symlink_to(tmp_path / "moved" / "case_1.nii.gz")
+    with pytest.raises(DatasetError) as info:
+        build_manifest(data, cache=False)
+    message = str(info.value)
+    assert f"{image} is a dangling symbolic link" in message
+    assert "has no label" not in message and "has no image" not in message
+
+
+def test_build_manifest_follows_a_good_symlink(tmp_path):
+    data = _toy_dataset(tmp_path)
+    image = data / "imagesTr" / "case_1.nii.gz"
+    stored = tmp_path / "store.nii.gz"
+    shutil.move(image, stored)
+    image.symlink_to(stored)
+    assert len(build_manifest(data, cache=False).pairs) == 2
+
+
+def test_csv_manifest_listing_a_fifo_refused(tmp_path):
+    data = _toy_dataset(tmp_path)
+    os.mkfifo(tmp_path / "pipe.nii.gz")
+    manifest = tmp_path / "pairs.csv"
+    manifest.write_text(f"image,label\npipe.nii.gz,{data / 'labelsTr' / 'case_0.nii.gz'}\n")
+    with pytest.raises(DatasetError, match=r"pipe\.nii\.gz is a named pipe.*listed in pairs\.csv"):
+        build_manifest(manifest, cache=False)

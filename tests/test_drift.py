@@ -420,6 +420,11 @@ def test_check_is_logged_as_a_monitoring_run(trained, new_data, tmp_path):
     assert files == {"drift/report.json", "drift/report.png", "drift/new_profile.json"}
     png = Path(client.download_artifacts(run_id, "drift/report.png", str(tmp_path / "dl")))
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # issue 20: report.json said run_id null although it logged this run
+    logged = client.download_artifacts(run_id, "drift/report.json", str(tmp_path / "dl"))
+    assert json.loads(Path(logged).read_text())["run_id"] == run_id
+    local = json.loads((tmp_path / "drift-report" / "report.json").read_text())
+    assert local["run_id"] == run_id
     assert f"mlflow ui --backend-store-uri {trained.uri}" in result.output
 
 

@@ -198,3 +198,41 @@ def test_nan_metric_is_logged_not_raised(tracking):
 def test_bad_metric_value_raises_naming_key(tracking):
     with mlflow.start_run(), pytest.raises(ValueError, match="'val_dice'"):
         mlog.metrics({"val_dice": "high"})
+
+
+@pytest.mark.parametrize(
+    ("call", "match"),
+    [
+        (lambda: mlog.metrics({"loss": 0.5}, step=2**63), "outside the range"),
+        (lambda: mlog.metrics({"loss": 0.5}, step=1.5), "not an integer"),
+        (lambda: mlog.metrics({"loss": "abc"}), "not a number"),
+        (lambda: mlog.metrics({"bad/../name": 1.0}), "metric name"),
+        (lambda: mlog.metrics([("loss", 1.0)]), "mapping"),
+        (lambda: mlog.params({"": 1}), "param name"),
+        (lambda: mlog.params("lr=1"), "mapping"),
+    ],
+)
+def test_bad_input_outside_a_run_starts_no_run(tracking, call, match):
+    """Issue 20: a refused call used to start a run first, so the user's next
+    mlflow.start_run() failed with 'already active'."""
+    with pytest.raises(ValueError, match=match):
+        call()
+    assert mlflow.active_run() is None
+    assert all_runs(tracking) == []
+    with mlflow.start_run() as run:  # the user's own run still starts
+        mlog.metrics({"loss": 0.5}, step=1)
+    mlog.flush()
+    assert [m.step for m in tracking.get_metric_history(run.info.run_id, "loss")] == [1]
+
+
+def test_dataset_with_a_named_pipe_refused_without_a_run(tracking, tmp_path):
+    """Issue 20: a FIFO named x.nii.gz made mlog.dataset hang forever."""
+    import os
+
+    data = write_nifti_dataset(tmp_path / "data", cases=2)
+    os.mkfifo(data / "imagesTr" / "x.nii.gz")
+    os.mkfifo(data / "labelsTr" / "x.nii.gz")
+    with pytest.raises(DatasetError, match=r"x\.nii\.gz is a named pipe"):
+        mlog.dataset(data)
+    assert mlflow.active_run() is None
+    assert all_runs(tracking) == []

@@ -265,3 +265,74 @@ def test_runner_records_primary_metric_tags(project_dir):
         assert plan.tags["mlpipe.primary_metric_goal"] == "max"
     finally:
         plan.source.cleanup()
+
+
+# issue 20 --------------------------------------------------------------------------------------
+def test_lock_model_without_mlpipe_tags_is_never_broken(tracking):
+    v1 = make_version(tracking, "m")
+    tracking.create_registered_model("mlpipe-lock.m")  # someone's model, not an mlpipe lock
+    result = invoke("promote", "m", v1)
+    assert result.exit_code == 2, result.output
+    assert "is not an mlpipe lock" in result.output
+    assert "held for" not in result.output  # was: "held for 1796357608 s", then deleted
+    assert tracking.get_registered_model("mlpipe-lock.m")  # still there
+    assert state(tracking, "m")[0] is None  # nothing promoted
+
+
+def test_reason_with_newline_refused_and_old_ones_shown_on_one_row(tracking):
+    v1 = make_version(tracking, "m")
+    forged = "ok\n9  2099-01-01  mallory  promote  @production  none -> v1  fake  -"
+    result = invoke("promote", "m", v1, "--reason", forged)
+    assert result.exit_code == 2 and "one line" in result.output
+    assert state(tracking, "m")[0] is None
+    assert invoke("rollback", "m", "--reason", "a\rb", "-y").exit_code == 2
+    # a record written before the check (or by another tool) is shown escaped, on its row
+    tracking.set_registered_model_tag(
+        "m",
+        "mlpipe.history.000001",
+        HistoryEvent(
+            seq=1, time="t", who="w", action="promote", alias="production",
+            from_version=None, to_version=v1, reason=forged,
+        ).to_json(),
+    )  # fmt: skip
+    shown = invoke("history", "m")
+    assert shown.exit_code == 0, shown.output
+    assert "mallory" in shown.output  # the text is kept ...
+    assert not any(line.startswith("9 ") for line in shown.output.splitlines())  # ... not a row
+    assert "\\n9" in shown.output
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["promote", "m", "notanumber"],
+        ["promote", "m", "1", "--require", "bogus"],
+        ["promote", "m", "1", "--reason", "two\nlines"],
+        ["promote", " ", "1"],
+        ["history", ""],
+        ["history", "m", "--alias", "latest"],
+        ["rollback", "m", "--reason", "x\ny"],
+        ["models", "\t"],
+    ],
+)
+def test_registry_mistakes_refused_before_connecting(args, tmp_path):
+    """Issue 20: these took 4.5-5 s (mlflow import, a store created) for a typo."""
+    import subprocess
+    import sys
+    import time
+
+    began = time.monotonic()
+    out = subprocess.run(
+        [sys.executable, "-c",
+         "import sys\nfrom mlpipe.cli import cli\n"
+         "try:\n    cli(sys.argv[1:])\nfinally:\n"
+         "    print('mlflow imported' if 'mlflow' in sys.modules else '', file=sys.stderr)",
+         *args],
+        capture_output=True, text=True, cwd=tmp_path, timeout=60,
+    )  # fmt: skip
+    elapsed = time.monotonic() - began
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.startswith("Error: ")
+    assert "mlflow imported" not in out.stderr
+    assert not (tmp_path / "mlruns.db").exists()
+    assert elapsed < 4, elapsed

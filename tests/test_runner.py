@@ -383,3 +383,24 @@ def test_execute_hooks_see_the_process_and_an_outside_stop_ends_killed(project_d
     assert info.value.run_id == seen[0]
     (run,) = runs_in()
     assert run.info.run_id == seen[0] and run.info.status == "KILLED"
+
+
+@pytest.mark.parametrize("name", ["", "   ", "exp\nfake", "tab\there", "bell\x07"])
+def test_run_experiment_blank_or_control_characters_refused(project_dir, runs_in, name):
+    """Issue 20: '' fell back silently to the MLproject's name; control characters passed."""
+    result = CliRunner().invoke(cli, ["run", str(project_dir("good")), "--experiment", name])
+    assert result.exit_code == 2, result.output
+    assert result.output.startswith("Error: --experiment")
+    assert runs_in() == []
+
+
+def test_git_source_warnings_name_the_url_not_the_clone(git_repo, tmp_path):
+    """Issue 20: warnings named /tmp/mlpipe-src-XXXX/..., a folder gone after the run."""
+    repo = git_repo("foreign")
+    url = f"file://{repo}#projects/foreign"
+    result = CliRunner().invoke(cli, ["run", url, "--dry-run"])
+    assert result.exit_code == 0, result.output
+    warnings = [line for line in result.output.splitlines() if line.startswith("Warning:")]
+    assert warnings, result.output
+    assert all(f"file://{repo}#projects/foreign (MLproject)" in w for w in warnings), warnings
+    assert not [w for w in warnings if "mlpipe-src-" in w]

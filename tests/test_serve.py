@@ -866,3 +866,15 @@ def test_drift_over_a_folder_of_bad_series_exits_2_with_the_reason(logged, tmp_p
     assert result.exit_code == 2, result.output
     assert "holds 2 series, expected one: 1.2.826.0.1.1 (24 slices, CT)" in result.output
     assert "Traceback" not in result.output
+
+
+def test_request_validation_error_is_short_and_echoes_no_input(client):
+    """Issue 20: FastAPI's own 422 echoed the whole request (600 KB of base64)."""
+    planted = "QUFB" * 150_000  # 600 KB in a field the endpoint does not know
+    response = client.post("/segment/json", json={"wrong_field": planted, "filename": 7})
+    assert response.status_code == 422
+    assert len(response.content) < 1000
+    assert "QUFB" not in response.text
+    body = response.json()
+    assert "nifti_base64" in body["detail"] and body["detail"].startswith("Invalid request")
+    assert response.headers["X-Request-Id"] == body["request_id"]

@@ -287,3 +287,35 @@ def test_proxied_only_app_passes_everything_else():
     path = "/api/2.0/mlflow-artifacts/artifacts/1/abc/artifacts/presigned/model.pt"
     status, _, body = _call(ProxiedArtifactsOnly(_fake_mlflow), path)
     assert (status, body) == (200, path.encode())
+
+
+# issue 20 --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("blank", [" " * 12, "\t" * 14, " \n" * 8])
+def test_plan_blank_admin_password_refused(blank):
+    with pytest.raises(UsageError, match="blank"):
+        make_plan(auth=True, env={"MLFLOW_AUTH_ADMIN_PASSWORD": blank})
+
+
+def test_plan_unencoded_at_in_password_refused_without_echoing_it():
+    with pytest.raises(UsageError) as info:
+        make_plan(backend_store_uri="postgresql://u:sec@ret99@127.0.0.1:5432/db")
+    message = str(info.value)
+    assert "unencoded '@'" in message and "%40" in message
+    assert "sec" not in message.replace("second", "") and "ret99" not in message
+
+
+@pytest.mark.parametrize(
+    "uri",
+    [
+        "postgresql://db.example/mlflow?user=u&password=X-secret-9",
+        "postgresql://mlflow:X-secret-9@db.example:5432/mlflow",
+        "postgresql://db.example/mlflow?sslpassword=X-secret-9&sslmode=require",
+    ],
+)
+def test_dry_run_masks_every_password_form(uri):
+    result = CliRunner().invoke(
+        cli, ["server", "--backend-store-uri", uri, "--artifacts-destination", S3, "--dry-run"]
+    )
+    assert result.exit_code == 0, result.output
+    assert "X-secret-9" not in result.output
+    assert "db.example" in result.output  # masked, not dropped

@@ -359,6 +359,42 @@ def test_no_secret_in_params_tags_artifacts_or_output(stack, tracked_run):
     assert "oauth2:" not in text
 
 
+# issue 20: the database password stays off the screen and out of every process's cmdline ----
+def _tree_cmdlines(pid: int) -> dict[int, bytes]:
+    """Raw /proc/<pid>/cmdline of a process and all its descendants (what `ps` shows)."""
+    pids = [pid] + [p.pid for p in _descendants(pid)]
+    out = {}
+    for each in pids:
+        with contextlib.suppress(OSError):
+            out[each] = Path(f"/proc/{each}/cmdline").read_bytes()
+    return out
+
+
+def _wait_for_tree(server: types.SimpleNamespace, *wanted: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        names = b" ".join(_tree_cmdlines(server.proc.pid).values()).decode(errors="replace")
+        if all(w in names for w in wanted):
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"server tree never showed {wanted}")
+
+
+def test_running_servers_cmdlines_hold_no_password(stack):  # before the signal tests stop them
+    """Both stack servers were started with postgresql://postgres:PASSWORD@... on their
+    command line; after the re-exec no process of either tree shows it, and the warning
+    says how to pass it safely."""
+    for server in (stack.plain, stack.auth):
+        _wait_for_tree(server, "uvicorn")
+        cmdlines = _tree_cmdlines(server.proc.pid)
+        assert len(cmdlines) >= 3  # mlpipe server, mlflow server, uvicorn (and workers)
+        leaked = {pid: c for pid, c in cmdlines.items() if DB_PASSWORD.encode() in c}
+        assert not leaked, leaked
+        err = server.err.read_text()
+        assert "Warning: a password was given on the command line" in err
+        assert "PGPASSWORD" in err and DB_PASSWORD not in err + server.out.read_text()
+
+
 def _artifact_paths(client, run_id: str, path: str | None = None) -> list[str]:
     out = []
     for item in client.list_artifacts(run_id, path):
@@ -439,7 +475,8 @@ def test_unreachable_database_named_fast(tmp_path):
     )
     assert out.returncode == 2, out.stderr
     assert elapsed < 10
-    assert out.stderr.startswith("Error: database: cannot connect to postgresql://***@127.0.0.1:")
+    assert "\nError: database: cannot connect to postgresql://***@127.0.0.1:" in out.stderr
+    assert out.stderr.startswith("Warning: a password was given on the command line")
     assert DB_PASSWORD not in out.stdout + out.stderr
     assert "Traceback" not in out.stderr
 
@@ -451,7 +488,7 @@ def test_unreachable_s3_and_missing_bucket_named_fast(stack, tmp_path):
     out, elapsed = run_cli(args, env, tmp_path)
     assert out.returncode == 2, out.stderr
     assert elapsed < 15
-    assert out.stderr.startswith("Error: S3: cannot reach http://127.0.0.1:")
+    assert "\nError: S3: cannot reach http://127.0.0.1:" in out.stderr  # after the argv warning
 
     args = server_cli_args(stack.db, stack.moto.endpoint, free_port())
     args[args.index("--artifacts-destination") + 1] = "s3://no-such-bucket/x"
@@ -602,3 +639,46 @@ def test_streaming_upload_interrupted_leaves_nothing(moto_s3, monkeypatch):
     s3 = moto_s3.client()
     assert "Contents" not in s3.list_objects_v2(Bucket="stream-cut")
     assert not s3.list_multipart_uploads(Bucket="stream-cut").get("Uploads")
+
+
+QUERY_PASSWORD = "q-Pa55word-DO-NOT-LOG"
+AT_PASSWORD = "at@Pa55word-DO-NOT-LOG"
+
+
+def test_query_string_password_hidden_while_running(stack, tmp_path):
+    """postgresql://HOST/DB?user=U&password=X: X is neither printed nor in any cmdline."""
+    with fresh_database() as name:
+        uri = f"postgresql://127.0.0.1:5432/{name}?user=postgres&password={QUERY_PASSWORD}"
+        args = server_cli_args(uri, stack.moto.endpoint, free_port())
+        env = client_env(**S3_CREDENTIALS, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
+        server = launch(args, tmp_path / "query", env)
+        try:
+            wait_ready(server)
+            _wait_for_tree(server, "uvicorn")
+            cmdlines = _tree_cmdlines(server.proc.pid)
+        finally:
+            stop(server)
+        assert not [c for c in cmdlines.values() if QUERY_PASSWORD.encode() in c], cmdlines
+        assert QUERY_PASSWORD not in server.out.read_text() + server.err.read_text()
+
+
+@pytest.mark.parametrize(
+    "uri",
+    [
+        f"postgresql://postgres:{DB_PASSWORD}@127.0.0.1:1/mlflow",
+        f"postgresql://127.0.0.1:1/mlflow?user=postgres&password={QUERY_PASSWORD}",
+        f"postgresql://postgres:{AT_PASSWORD}@127.0.0.1:1/mlflow",
+    ],
+)
+def test_password_forms_not_printed_by_refusal_or_dry_run(uri, tmp_path):
+    """The three URI forms, refused (nothing listens) and with --dry-run: no password."""
+    env = client_env(**S3_CREDENTIALS)
+    args = server_cli_args(uri, "http://127.0.0.1:9", free_port())
+    refused, _ = run_cli(args, env, tmp_path)
+    dry, _ = run_cli([*args, "--dry-run"], env, tmp_path)
+    assert refused.returncode == 2, refused.stderr
+    assert "Traceback" not in refused.stderr
+    assert dry.returncode == (2 if "@Pa55" in uri else 0), dry.stderr
+    text = refused.stdout + refused.stderr + dry.stdout + dry.stderr
+    for secret in (DB_PASSWORD, QUERY_PASSWORD, AT_PASSWORD, "Pa55word", "DO-NOT-LOG"):
+        assert secret not in text, text

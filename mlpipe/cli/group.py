@@ -8,6 +8,7 @@ mlflow, torch or monai (``tests/test_cli.py`` guards this).
 from __future__ import annotations
 
 import sys
+import traceback
 
 import click
 
@@ -18,27 +19,29 @@ from mlpipe.core.errors import MlpipeError
 class MlpipeGroup(click.Group):
     """Turns ``MlpipeError`` into ``Error: <message>`` and its exit code; Ctrl-C into 130.
 
-    Anything else keeps its traceback: a bug should look like a bug. ``--debug`` re-raises.
+    Anything else keeps its traceback: a bug should look like a bug. ``--debug`` prints the
+    traceback of a user error too, and keeps its exit code (scripts test it).
     """
 
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
         except MlpipeError as exc:
+            # --debug changes what is printed (the traceback too), never the exit code.
             if ctx.meta.get("mlpipe.debug"):
-                raise
+                traceback.print_exc()
             click.echo(f"Error: {exc}", err=True)
             ctx.exit(exc.exit_code)
         except KeyboardInterrupt:
             if ctx.meta.get("mlpipe.debug"):
-                raise
+                traceback.print_exc()
             click.echo("Interrupted.", err=True)
             ctx.exit(130)
 
 
 @click.group(cls=MlpipeGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, "--version", prog_name="mlpipe")
-@click.option("--debug", is_flag=True, help="Show full tracebacks instead of short errors.")
+@click.option("--debug", is_flag=True, help="Also print tracebacks (exit codes stay the same).")
 @click.pass_context
 def cli(ctx: click.Context, debug: bool) -> None:
     """mlpipe: MLflow done right for medical-imaging ML teams.

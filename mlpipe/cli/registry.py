@@ -63,6 +63,7 @@ def promote(
     from mlpipe.core.tables import format_rows
     from mlpipe.registry.promotion import (
         PromotionRequest,
+        check_request,
         connect,
         execute_promotion,
         plan_promotion,
@@ -81,6 +82,7 @@ def promote(
         no_stage=no_stage,
         force=force,
     )
+    check_request(request)  # mistakes that need no server are refused before connecting
     tracking = connect(tracking_uri)
     plan = plan_promotion(tracking, request)
     current = f"v{plan.current.version}" if plan.current else "none"
@@ -123,8 +125,18 @@ def rollback(
 
     Repeated rollbacks walk further back through the promotions.
     """
-    from mlpipe.registry.promotion import connect, execute_rollback, plan_rollback
+    from mlpipe.registry.promotion import (
+        check_alias,
+        check_model_name,
+        check_reason,
+        connect,
+        execute_rollback,
+        plan_rollback,
+    )
 
+    check_model_name(model)
+    check_alias(alias)
+    check_reason(reason)
     tracking = connect(tracking_uri)
     plan = plan_rollback(tracking, model, alias)
     current = f"v{plan.current}" if plan.current else "none"
@@ -147,9 +159,12 @@ def rollback(
 def history(model: str, alias: str | None, as_json: bool, tracking_uri: str | None) -> None:
     """Who moved MODEL's aliases, when, from which version to which, why, and which gates."""
     from mlpipe.core.tables import format_rows
-    from mlpipe.registry.promotion import connect
+    from mlpipe.registry.promotion import check_alias, check_model_name, connect
     from mlpipe.registry.views import history as read_history
 
+    check_model_name(model)
+    if alias is not None:
+        check_alias(alias)
     events = read_history(connect(tracking_uri), model, alias)
     if as_json:
         click.echo(json.dumps([e.__dict__ for e in events], indent=2))
@@ -180,9 +195,11 @@ def history(model: str, alias: str | None, as_json: bool, tracking_uri: str | No
 def models(model: str | None, tracking_uri: str | None) -> None:
     """List registered models, or MODEL's versions with aliases, stage and primary metric."""
     from mlpipe.core.tables import format_frame
-    from mlpipe.registry.promotion import connect
+    from mlpipe.registry.promotion import check_model_name, connect
     from mlpipe.registry.views import list_models, list_versions
 
+    if model is not None:
+        check_model_name(model)
     tracking = connect(tracking_uri)
     frame = list_versions(tracking, model) if model else list_models(tracking)
     click.echo(format_frame(frame, empty="No registered models." if not model else "No versions."))

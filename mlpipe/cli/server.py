@@ -9,14 +9,17 @@ import click
 
 from mlpipe.cli.group import TRACKING_URI_HELP, cli
 
+AUTH_DB_URI_ENV = "MLPIPE_AUTH_DB_URI"
+
 
 @cli.command(context_settings={"show_default": True})
 @click.option(
     "--backend-store-uri",
     envvar="MLFLOW_BACKEND_STORE_URI",
     metavar="URI",
-    help="Tracking database: postgresql://USER:PASS@HOST:5432/DB (SQLite: one user only). "
-    "[env: MLFLOW_BACKEND_STORE_URI]",
+    help="Tracking database: postgresql://USER@HOST:5432/DB with the password in PGPASSWORD "
+    "or ~/.pgpass (SQLite: one user only). A password given here is moved out of the "
+    "command line (ps shows it). [env: MLFLOW_BACKEND_STORE_URI]",
 )
 @click.option(
     "--artifacts-destination",
@@ -40,7 +43,10 @@ from mlpipe.cli.group import TRACKING_URI_HELP, cli
     help="MLflow basic auth; the admin password comes from $MLFLOW_AUTH_ADMIN_PASSWORD.",
 )
 @click.option(
-    "--auth-db-uri", metavar="URI", help="Where the auth tables live [default: the backend]."
+    "--auth-db-uri",
+    envvar=AUTH_DB_URI_ENV,
+    metavar="URI",
+    help=f"Where the auth tables live [default: the backend]. [env: {AUTH_DB_URI_ENV}]",
 )
 @click.option(
     "--allowed-hosts",
@@ -81,6 +87,12 @@ def server(
         --artifacts-destination s3://mlflow/artifacts \\
         --s3-endpoint-url http://127.0.0.1:9000 --create-bucket
     """
+    from mlpipe.core.secrets import reexec_without_secrets
+
+    reexec_without_secrets(
+        {"--backend-store-uri": "MLFLOW_BACKEND_STORE_URI", "--auth-db-uri": AUTH_DB_URI_ENV},
+        warn=lambda text: click.echo(f"Warning: {text}", err=True),
+    )
     from mlpipe.server.launch import serve, start
     from mlpipe.server.plan import plan as make_plan
     from mlpipe.server.preflight import preflight

@@ -24,6 +24,7 @@ from pathlib import Path
 import yaml
 
 from mlpipe.core.errors import ConfigError
+from mlpipe.core.secrets import has_secret, mask_uri
 
 PROJECT_FILE = "mlpipe.yaml"
 USER_CONFIG_ENV = "MLPIPE_CONFIG"
@@ -282,18 +283,11 @@ def is_http_uri(uri: str | None) -> bool:
 
 
 def redact_uri(uri: str | None) -> str:
-    """A URI fit to print or log: any user and password in it replaced by ``***``."""
-    if not uri:
-        return ""
-    parsed = urllib.parse.urlsplit(uri)
-    if parsed.username is None and parsed.password is None:
-        return uri
-    host = parsed.hostname or ""
-    if ":" in host:
-        host = f"[{host}]"  # IPv6
-    if parsed.port:
-        host = f"{host}:{parsed.port}"
-    return urllib.parse.urlunsplit(parsed._replace(netloc=f"***@{host}"))
+    """A URI fit to print or log: userinfo and secret query values replaced by ``***``.
+
+    The one masking function (:func:`mlpipe.core.secrets.mask_uri`), under its older name.
+    """
+    return mask_uri(uri)
 
 
 def _read_config(path: Path) -> dict[str, str]:
@@ -319,7 +313,7 @@ def _read_config(path: Path) -> dict[str, str]:
         )
     values = {k: str(v) for k, v in data.items() if v is not None}
     for key, value in values.items():
-        if key.endswith(("_uri", "_url")) and urllib.parse.urlsplit(value).password:
+        if key.endswith(("_uri", "_url")) and has_secret(value):
             raise ConfigError(
                 f"{path}: {key} holds a password ({redact_uri(value)}). Keep the URI without "
                 "it and export MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD instead."

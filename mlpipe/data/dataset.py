@@ -41,6 +41,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import stat
 import time
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -59,7 +60,7 @@ from mlpipe.data.hash_cache import (
     default_cache_path,
 )
 from mlpipe.data.layouts import Pair, _discover, _Layout, _pair_order, _raise_all, _relative
-from mlpipe.data.volumes import read_header
+from mlpipe.data.volumes import file_kind, is_series, read_header
 
 __all__ = [
     "CACHE_ENV",
@@ -173,9 +174,13 @@ def build_manifest(
             label without its image), an unreadable, truncated or non-NIfTI file, or
             image/label shapes that differ. The message names every offending file.
     """
-    layout = _discover(source)
-    paths = _unique_paths(layout)
-    facts = _examine_all(paths, layout.origins, progress, _cache_path(cache))
+    try:
+        layout = _discover(source)
+        paths = _unique_paths(layout)
+        facts = _examine_all(paths, layout.origins, progress, _cache_path(cache))
+    except OSError as exc:  # anything the checks above did not foresee still names its path
+        where = exc.filename or source
+        raise DatasetError(f"{where} cannot be read: {exc.strerror or exc}.") from exc
     _check_shapes(layout.pairs, facts)
     entries = tuple(sorted(_entries(layout, facts), key=lambda e: e.path))
     digest = digest_of(entries)
@@ -231,13 +236,22 @@ def _examine_all(
     problems: list[str] = []
     stats: dict[Path, tuple[int, int]] = {}
     for path in paths:
-        try:
-            # A DICOM series folder is keyed by its files' total size and newest mtime.
-            stats[path] = _series_stat(path) if path.is_dir() else _file_stat(path)
-        except OSError as exc:
-            listed = f" (listed in {origins[path]})" if path in origins else ""
-            reason = "does not exist" if isinstance(exc, FileNotFoundError) else "cannot be read"
-            problems.append(f"{path} {reason}{listed}. Check the path.")
+        kind, info = file_kind(path)  # lstat/stat only: a FIFO must never be opened
+        listed = f" (listed in {origins[path]})" if path in origins else ""
+        if kind == "file":
+            stats[path] = (info.st_size, info.st_mtime_ns)  # type: ignore[union-attr]
+        elif kind == "dir" and is_series(path):
+            try:
+                # A DICOM series folder is keyed by its files' total size and newest mtime.
+                stats[path] = _series_stat(path)
+            except OSError as exc:
+                problems.append(f"{path} cannot be read: {exc.strerror or exc}{listed}.")
+        elif kind == "missing":
+            problems.append(f"{path} does not exist{listed}. Check the path.")
+        elif kind == "dir":
+            problems.append(f"{path} is a folder, not a volume file or a DICOM series{listed}.")
+        else:
+            problems.append(f"{info}{listed}" if listed else str(info))
     _raise_all(problems)
     cache = _HashCache.open(cache_path)
     try:
@@ -290,7 +304,13 @@ def _examine(path: Path) -> _Facts:
     digest = hashlib.sha256()
     read = 0
     try:
-        with open(path, "rb") as stream:
+        # O_NONBLOCK: should a FIFO replace the file after the check, opening it returns at
+        # once instead of waiting for a writer; it is then refused as not a regular file.
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise DatasetError(f"{path} is not a regular file; mlpipe does not read it.")
+        with open(fd, "rb") as stream:
             before = os.fstat(stream.fileno())
             while chunk := stream.read(_CHUNK):
                 digest.update(chunk)
@@ -321,11 +341,6 @@ def _examine(path: Path) -> _Facts:
         sha256=digest.hexdigest(),
         shape=header.shape,
     )
-
-
-def _file_stat(path: Path) -> tuple[int, int]:
-    stat = os.stat(path)
-    return stat.st_size, stat.st_mtime_ns
 
 
 def _series_stat(folder: Path) -> tuple[int, int]:

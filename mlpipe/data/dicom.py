@@ -26,6 +26,7 @@ import hashlib
 import os
 import secrets
 import shutil
+import stat
 import tempfile
 import zipfile
 from collections.abc import Iterator, Mapping, Sequence
@@ -361,7 +362,21 @@ def _candidate_files(root: Path) -> Iterator[Path]:
         for name in sorted(files):
             if name.startswith(".") or name.upper() == "DICOMDIR":
                 continue
-            yield Path(here) / name
+            path = Path(here) / name
+            try:
+                mode = os.stat(path).st_mode  # follows links; a link loop raises ELOOP
+            except OSError as exc:
+                raise DatasetError(
+                    f"{path} cannot be read: {exc.strerror or exc}. Remove it from the series "
+                    "folder, or restore what it points at."
+                ) from None
+            if not stat.S_ISREG(mode):
+                # opening a named pipe would block forever: refuse it by name, unopened
+                raise DatasetError(
+                    f"{path} is not a regular file (a named pipe, socket or device); a series "
+                    "folder holds only DICOM files. Remove it."
+                )
+            yield path
 
 
 def _has_dicm(path: Path) -> bool:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePath
 
 from mlpipe.core.errors import DatasetError
-from mlpipe.data.volumes import is_series, is_volume
+from mlpipe.data.volumes import file_kind, is_series, is_volume
 
 _MAX_LISTED = 10
 
@@ -85,11 +85,14 @@ class _Layout:
 def _discover(source: str | os.PathLike[str]) -> _Layout:
     given = os.fspath(source)
     path = Path(given).expanduser().absolute()
-    if not path.exists():
+    kind, info = file_kind(path)
+    if kind == "missing":
         raise DatasetError(
             f"Dataset {given} does not exist (looked for {path}). Give the dataset folder or a "
             ".csv/.json manifest file."
         )
+    if kind == "bad":
+        raise DatasetError(f"Dataset {given}: {info}")
     path = path.resolve()
     if path.is_dir():
         if (path / "imagesTr").is_dir():
@@ -101,6 +104,8 @@ def _discover(source: str | os.PathLike[str]) -> _Layout:
             )
         return _plain_folder(path)
     suffix = path.suffix.lower()
+    if kind != "file":  # not a folder either: a manifest must be a regular file
+        raise DatasetError(f"Dataset {given}: {path} is not a regular file or folder.")
     if suffix == ".csv":
         return _manifest(path, _csv_rows(path), name=None, version=None)
     if suffix == ".json":
@@ -147,13 +152,14 @@ def _pair_folders(
     pairs = []
     for case, image in sorted(images.items()):
         label = labels.get(case)
-        if label is None and split != "test":
-            expected = root / label_dir / (f"{case}.nii.gz" if image.is_dir() else image.name)
+        expected = root / label_dir / (f"{case}.nii.gz" if image.is_dir() else image.name)
+        # A label that is there but unusable (a dangling link, a FIFO) was reported as such.
+        if label is None and split != "test" and not os.path.lexists(expected):
             problems.append(f"Image {image} has no label: expected {expected}.")
         pairs.append(Pair(case=case, image=image, label=label, split=split))
     for case, label in sorted(labels.items()):
-        if case not in images:
-            expected = root / image_dir / label.name
+        expected = root / image_dir / label.name
+        if case not in images and not os.path.lexists(expected):
             problems.append(f"Label {label} has no image: expected {expected}.")
     return pairs
 
@@ -163,17 +169,25 @@ def _volumes_by_case(folder: Path, problems: list[str]) -> dict[str, Path]:
     if not folder.is_dir():
         return {}
     found: dict[str, Path] = {}
-    for entry in sorted(os.scandir(folder), key=lambda e: e.name):
+    try:
+        entries = sorted(os.scandir(folder), key=lambda e: e.name)
+    except OSError as exc:
+        problems.append(f"{folder} cannot be listed: {exc.strerror or exc}.")
+        return found
+    for entry in entries:
         if entry.name.startswith("."):
             continue
-        if entry.is_dir():
+        kind, info = file_kind(entry.path)  # never opens: a FIFO here would block forever
+        if kind == "dir":
             if not is_series(entry.path):
                 continue
             case = entry.name  # a DICOM series folder: imagesTr/<case>/
-        elif is_volume(entry.name):
-            case = _strip_suffix(entry.name)
-        elif entry.name.lower().endswith(".dcm"):
-            case = entry.name[: -len(".dcm")]  # a DICOM SEG label (or a one-slice image)
+        elif is_volume(entry.name) or entry.name.lower().endswith(".dcm"):
+            if kind != "file":
+                problems.append(str(info))
+                continue
+            # a NIfTI volume, or a DICOM SEG label (or a one-slice image)
+            case = _strip_suffix(entry.name) if is_volume(entry.name) else entry.name[:-4]
         else:
             continue
         if case in found:
@@ -190,7 +204,7 @@ def _plain_folder(root: Path) -> _Layout:
     labels: dict[str, Path] = {}
     problems: list[str] = []
     unmatched: list[Path] = []
-    for path in _walk_volumes(root):
+    for path in _walk_volumes(root, problems):
         match = _plain_match(path)
         if match is None:
             unmatched.append(path)
@@ -226,17 +240,31 @@ def _plain_case(path: Path) -> str:
     return match["case"] if match else _strip_suffix(path.name)
 
 
-def _walk_volumes(root: Path) -> Iterator[Path]:
-    """Volumes under ``root`` in a stable order, skipping hidden files and folders; a
-    ``<case>_image/`` DICOM series folder counts as one volume."""
-    for folder, dirs, files in os.walk(root):
+def _walk_volumes(root: Path, problems: list[str]) -> Iterator[Path]:
+    """Regular-file volumes under ``root`` in a stable order, skipping hidden files and folders;
+    a ``<case>_image/`` DICOM series folder counts as one volume.
+
+    Linked folders are not descended (``os.walk``'s default), so a link loop cannot recurse;
+    a volume name that is not a regular file (a FIFO, a dangling or looping link) is a problem.
+    """
+
+    def unreadable(exc: OSError) -> None:
+        problems.append(f"{exc.filename} cannot be listed: {exc.strerror or exc}.")
+
+    for folder, dirs, files in os.walk(root, onerror=unreadable):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         series = [d for d in dirs if _PLAIN_SERIES.match(d) and is_series(Path(folder) / d)]
         dirs[:] = [d for d in dirs if d not in series]  # a series folder is one volume
         yield from (Path(folder) / d for d in series)
         for name in sorted(files):
-            if not name.startswith(".") and (is_volume(name) or _PLAIN_SEG.match(name)):
-                yield Path(folder) / name
+            if name.startswith(".") or not (is_volume(name) or _PLAIN_SEG.match(name)):
+                continue
+            path = Path(folder) / name
+            kind, info = file_kind(path)
+            if kind == "file":
+                yield path
+            elif kind != "dir":
+                problems.append(str(info))
 
 
 def _json_manifest(path: Path) -> _Layout:

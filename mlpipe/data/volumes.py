@@ -20,8 +20,10 @@ Pure library code: no mlflow, no printing.
 
 from __future__ import annotations
 
+import errno
 import gzip
 import os
+import stat
 import zlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -343,19 +345,77 @@ def series_header(series: DicomSeries) -> VolumeHeader:
 
 def _check_file(name: str) -> int:
     """Size of an existing, non-empty regular file; otherwise a message saying which."""
-    try:
-        stat = os.stat(name)
-    except FileNotFoundError:
-        raise DatasetError(
-            f"{name} does not exist. Check the path and the current folder."
-        ) from None
-    except OSError as exc:
-        raise DatasetError(f"{name} cannot be read: {exc.strerror or exc}.") from exc
-    if os.path.isdir(name):
+    kind, info = file_kind(name)
+    if kind == "missing":
+        raise DatasetError(f"{name} does not exist. Check the path and the current folder.")
+    if kind == "dir":
         raise DatasetError(f"{name} is a folder, not a NIfTI file.")
-    if stat.st_size == 0:
+    if kind != "file":
+        raise DatasetError(info)
+    if info.st_size == 0:
         raise DatasetError(f"{name} is empty (0 bytes). {_RECOPY}")
-    return stat.st_size
+    return info.st_size
+
+
+_KINDS = (
+    (stat.S_ISFIFO, "named pipe (FIFO)"),
+    (stat.S_ISSOCK, "socket"),
+    (stat.S_ISCHR, "character device"),
+    (stat.S_ISBLK, "block device"),
+)
+
+
+def file_kind(path: str | os.PathLike[str]) -> tuple[str, os.stat_result | str]:
+    """What a path is, found with ``lstat``/``stat`` only: nothing is ever opened.
+
+    Opening a named pipe blocks until a writer appears (forever, in a dataset folder), and a
+    device or socket is no volume: such entries are refused by name. Symbolic links are
+    followed; the kernel's ``ELOOP`` detects a loop, and a dangling link is named as one.
+
+    Returns:
+        ``("file", stat)`` for a regular file (through links), ``("dir", stat)`` for a folder,
+        ``("missing", message)`` when nothing is there, else ``("bad", message)`` where the
+        message names the path, what it is and what to do.
+    """
+    name = os.fspath(path)
+    try:
+        info = os.lstat(name)
+    except FileNotFoundError:
+        return "missing", f"{name} does not exist. Check the path."
+    except OSError as exc:
+        return "bad", f"{name} cannot be read: {exc.strerror or exc}."
+    if stat.S_ISLNK(info.st_mode):
+        target = _link_target(name)
+        try:
+            info = os.stat(name)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                return "bad", (
+                    f"{name} is a symbolic link loop (-> {target}): following it never reaches "
+                    "a file. Point the link at the volume, or remove it."
+                )
+            if isinstance(exc, FileNotFoundError):
+                return "bad", (
+                    f"{name} is a dangling symbolic link: its target {target} does not exist. "
+                    "Restore the target (a moved or unmounted folder?) or remove the link."
+                )
+            return "bad", f"{name} cannot be read ({target}): {exc.strerror or exc}."
+    if stat.S_ISREG(info.st_mode):
+        return "file", info
+    if stat.S_ISDIR(info.st_mode):
+        return "dir", info
+    what = next((label for test, label in _KINDS if test(info.st_mode)), "special file")
+    return "bad", (
+        f"{name} is a {what}, not a regular file; mlpipe does not open it (reading it could "
+        "wait forever). Replace it with the volume file, or move it out of the dataset folder."
+    )
+
+
+def _link_target(name: str) -> str:
+    try:
+        return os.readlink(name)
+    except OSError:
+        return "?"
 
 
 def _header_of(name: str, image: nib.Nifti1Image) -> VolumeHeader:

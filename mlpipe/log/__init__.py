@@ -175,8 +175,11 @@ def data_profile(
 
 def params(values: Mapping[str, Any]) -> None:
     """Log parameters, batched with the metrics and sent in the background."""
+    from mlpipe.core.store_limits import param_values
+
+    checked = param_values(values)  # before a run is started: bad input creates nothing
     run_id, client = _run()
-    _batcher(run_id, client).log_params(values)
+    _batcher(run_id, client).log_params(checked)
 
 
 def metrics(values: Mapping[str, float], step: int | None = None) -> None:
@@ -184,11 +187,18 @@ def metrics(values: Mapping[str, float], step: int | None = None) -> None:
 
     NaN and infinity are logged as ``mlflow.log_metric`` logs them (a diverged loss is a result).
 
+    Every point is checked here, in the caller's line, against what the tracking store
+    accepts (names, numbers, a step in MLflow's 64-bit range), before a run is started.
+
     Raises:
-        ValueError: a value that is not a number, or a name MLflow refuses (the key is named).
+        ValueError: a value that is not a number, a name MLflow refuses, or a step that is not
+            a 64-bit integer (the key is named); nothing is logged and no run is started.
     """
+    from mlpipe.core.store_limits import metric_points
+
+    points = metric_points(values, step)  # before a run is started: bad input creates nothing
     run_id, client = _run()
-    _batcher(run_id, client).log_metrics(values, step=step)
+    _batcher(run_id, client).add_points(points)
 
 
 def flush(timeout: float | None = 30.0) -> None:

@@ -65,7 +65,7 @@ import os
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
@@ -76,12 +76,13 @@ from mlpipe.core.store_limits import (
     MAX_METRICS_PER_BATCH,
     MAX_PARAM_BATCH_CHARS,
     MAX_PARAMS_PER_BATCH,
-    as_int,
-    check_name,
-    finite,
+    Delivery,
+    deliver,
     first_line,
+    is_refusal,
     is_retryable,
-    param_value,
+    metric_points,
+    param_values,
 )
 
 if TYPE_CHECKING:
@@ -92,6 +93,14 @@ logger = logging.getLogger("mlpipe")
 
 
 MAX_BACKOFF_S = 30.0
+
+
+DROPPED_TAG = "mlpipe.log.dropped_points"
+"""Run tag: how many points the tracking store refused and mlpipe dropped (each was warned)."""
+
+
+MAX_DROPS_NAMED = 10
+"""Refused points named one warning line each per batch; more are counted in one line."""
 
 
 EXIT_TIMEOUT_S = 30.0
@@ -154,6 +163,7 @@ class MetricBatcher:
         self._sent = 0
         self._failed = 0
         self._unreported = 0  # failed points not yet raised from flush/close
+        self._dropped = 0  # points the store refused (reported one by one, not raised)
         self._last_error = ""
         self._flush_waiters = 0
         self._closed = False
@@ -188,19 +198,10 @@ class MetricBatcher:
         """
         if self._closed:
             self._refuse()
-        step = 0 if step is None else as_int(step, "step")
-        stamp = (
-            int(time.time() * 1000)
-            if timestamp_ms is None
-            else as_int(timestamp_ms, "timestamp_ms")
-        )
-        valid = self._valid_keys
-        points = []
-        for key, value in metrics.items():
-            if key not in valid:
-                check_name(key, "metric")
-                valid.add(key)
-            points.append((key, finite(key, value), stamp, step))
+        self.add_points(metric_points(metrics, step, timestamp_ms, self._valid_keys))
+
+    def add_points(self, points: list[tuple[str, float, int, int]]) -> None:
+        """Queue points already checked by :func:`~mlpipe.core.store_limits.metric_points`."""
         if not points:
             return
         with self._cond:
@@ -223,10 +224,7 @@ class MetricBatcher:
         """
         if self._closed:
             self._refuse()
-        values: dict[str, str] = {}
-        for key, raw in params.items():
-            check_name(key, "param")
-            values[key] = param_value(raw)
+        values = param_values(params)
         if not values:
             return
         with self._cond:
@@ -313,6 +311,12 @@ class MetricBatcher:
         """Points given up after the retries since this batcher started (reported or not)."""
         with self._cond:
             return self._failed
+
+    @property
+    def dropped(self) -> int:
+        """Points the tracking store refused; each was named in a warning, none raised."""
+        with self._cond:
+            return self._dropped
 
     @property
     def sent(self) -> int:
@@ -416,34 +420,82 @@ class MetricBatcher:
     def _send_metrics(self, points: list[tuple[str, float, int, int]]) -> None:
         from mlflow.entities import Metric
 
-        def send() -> None:
-            entities = [Metric(key, value, stamp, step) for key, value, stamp, step in points]
+        def send(chunk: Sequence[tuple[str, float, int, int]]) -> None:
+            entities = [Metric(key, value, stamp, step) for key, value, stamp, step in chunk]
             # synchronous=True: with None, MLFLOW_ENABLE_ASYNC_LOGGING=true would hand the batch
             # to MLflow's async queue, whose failures this thread would never see.
             self.client.log_batch(self.run_id, metrics=entities, synchronous=True)
 
-        error = self._attempt(send)
-        self._settle("metrics", len(points), error)
+        self._settle_delivery("metrics", deliver(points, send, self._attempt))
 
     def _send_params(self, params: list[tuple[str, str]]) -> None:
         from mlflow.entities import Param
 
-        entities = [Param(key, value) for key, value in params]
-        error = self._attempt(
-            lambda: self.client.log_batch(self.run_id, params=entities, synchronous=True)
-        )
-        if error is not None and len(entities) > 1 and not is_retryable(error):
+        def send(chunk: Sequence[tuple[str, str]]) -> None:
             # One refused param (say, a value that differs from the one `mlpipe run` logged)
-            # fails the whole request: send them one by one so only that one is lost.
-            for entity in entities:
-                single = self._attempt(
-                    lambda e=entity: self.client.log_batch(
-                        self.run_id, params=[e], synchronous=True
-                    )
-                )
-                self._settle("params", 1, single)
-            return
-        self._settle("params", len(params), error)
+            # fails the whole request: deliver() splits it so only that one is lost.
+            entities = [Param(key, value) for key, value in chunk]
+            self.client.log_batch(self.run_id, params=entities, synchronous=True)
+
+        self._settle_delivery("params", deliver(params, send, self._attempt))
+
+    def _settle_delivery(self, kind: str, delivery: Delivery) -> None:
+        if delivery.sent:
+            self._settle(kind, delivery.sent, None)
+        for chunk, error in delivery.failed:
+            self._settle(kind, len(chunk), error)
+        if delivery.refused:
+            self._drop(kind, delivery.refused)
+
+    def _drop(self, kind: str, refused: list[tuple[tuple, Exception]]) -> None:
+        """Report points the store refused, each by name (and step), and count them in a tag.
+
+        They are not raised from flush(): the store answered, so retrying cannot help, and a
+        training loop should not die for one point that is named here and in the run's tags.
+        """
+        shown = refused[:MAX_DROPS_NAMED]
+        for item, error in shown:
+            what = (
+                f"metric {item[0]!r} at step {item[3]} (value {item[1]!r})"
+                if kind == "metrics"
+                else f"param {item[0]!r}"
+            )
+            logger.warning(
+                "mlpipe: the tracking store (%s) refused %s of run %s, so it was dropped and "
+                "the other points of its batch were sent: %s",
+                self._uri or "local",
+                what,
+                self.run_id,
+                first_line(error),
+            )
+        if len(refused) > len(shown):
+            logger.warning(
+                "mlpipe: %d more %s of run %s were refused by the tracking store and dropped.",
+                len(refused) - len(shown),
+                kind,
+                self.run_id,
+            )
+        with self._cond:
+            self._dropped += len(refused)
+            total = self._dropped
+        # Tagged before the points count as done, so a flush() that returns sees the tag.
+        error = self._attempt(
+            lambda: self.client.set_tag(self.run_id, DROPPED_TAG, str(total), synchronous=True)
+        )
+        if error is not None:
+            logger.warning(
+                "mlpipe: could not tag run %s with %s: %s",
+                self.run_id,
+                DROPPED_TAG,
+                first_line(error),
+            )
+        with self._cond:
+            if kind == "metrics":
+                self._metrics_done += len(refused)
+            else:
+                self._params_done += len(refused)
+            self._in_flight = max(self._in_flight - len(refused), 0)
+            self._cond.notify_all()
 
     def _attempt(self, send: Callable[[], object]) -> Exception | None:
         """Call ``send`` until it succeeds or the retries are spent; returns the last error."""
@@ -453,7 +505,7 @@ class MetricBatcher:
                 send()
                 return None
             except Exception as exc:  # the store raises MlflowException, requests, OSError
-                if attempt >= self.max_retries or not is_retryable(exc):
+                if attempt >= self.max_retries or not is_retryable(exc) or is_refusal(exc):
                     return exc
                 delay = min(self.retry_backoff * 2**attempt, MAX_BACKOFF_S)
                 attempt += 1

@@ -384,8 +384,15 @@ def log_report(tracking: Tracking, report: DriftReport, *, experiment: str | Non
     run_id = tracking.create_run(
         experiment_id, tags={k: v for k, v in tags.items() if v}, params=params, run_name=run_name
     )
+    report.run_id, report.experiment = run_id, name
     status = "FAILED"
     try:
+        if report.files.get("json"):
+            # written before the run existed: rewritten with its id, so that the local copy
+            # and the logged artifact both say which run holds the report
+            Path(report.files["json"]).write_text(
+                json.dumps(report.to_json(), indent=2), encoding="utf-8"
+            )
         now = int(datetime.now(timezone.utc).timestamp() * 1000)
         values = {
             "n_drifted_features": float(len(report.drifted)),
@@ -405,6 +412,5 @@ def log_report(tracking: Tracking, report: DriftReport, *, experiment: str | Non
         status = "FINISHED"
     finally:
         tracking.finish(run_id, status)
-    report.run_id, report.experiment = run_id, name
     report.link = tracking.ui_link(experiment_id, run_id)
     return run_id

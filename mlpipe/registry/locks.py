@@ -9,6 +9,7 @@ The lock is a normal registered model while held; ``mlpipe models`` hides the pr
 
 from __future__ import annotations
 
+import math
 import os
 import random
 import socket
@@ -71,6 +72,14 @@ def model_lock(
         holder = _holder(client, name)
         if holder is not None:
             held_owner, acquired_at = holder
+            if acquired_at is None:
+                # create_registered_model sets the tags atomically with the name, so a model
+                # without them was made by someone else: never break (delete) it.
+                raise UsageError(
+                    f"A registered model named {name!r} exists but is not an mlpipe lock (it "
+                    f"has no {ACQUIRED_TAG} tag), so mlpipe cannot lock {model!r}. Rename or "
+                    "delete that registered model in the MLflow UI if it is not needed."
+                )
             age = time.time() - acquired_at
             if age > stale_after:
                 warn(
@@ -119,15 +128,19 @@ def _try_acquire(client: MlflowClient, name: str, owner: str) -> bool:
         raise TrackingUnavailableError(f"Could not take the registry lock {name!r}: {exc}") from exc
 
 
-def _holder(client: MlflowClient, name: str) -> tuple[str, float] | None:
+def _holder(client: MlflowClient, name: str) -> tuple[str, float | None] | None:
+    """Who holds the lock and since when (epoch seconds); ``None`` as the time when the model
+    carries no readable ``mlpipe.lock.acquired_at`` (it is not an mlpipe lock)."""
     try:
         model = client.get_registered_model(name)
     except Exception:
         return None
     try:
-        acquired = float(model.tags.get(ACQUIRED_TAG, "0"))
-    except ValueError:
-        acquired = 0.0
+        acquired: float | None = float(model.tags[ACQUIRED_TAG])
+    except (KeyError, ValueError):
+        acquired = None
+    if acquired is not None and not math.isfinite(acquired):
+        acquired = None
     return model.tags.get(OWNER_TAG, "unknown"), acquired
 
 

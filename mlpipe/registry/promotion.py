@@ -311,8 +311,66 @@ def plan_promotion(tracking: Tracking, request: PromotionRequest) -> PromotionPl
     return _check(request, candidate, current)
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def check_model_name(model: str, what: str = "MODEL") -> None:
+    """A registered model name fit to look up: not blank, no control characters.
+
+    Raises:
+        UsageError: naming the argument and the value.
+    """
+    if not model or not model.strip():
+        raise UsageError(f"{what} must be a registered model name, not {model!r}.")
+    if _CONTROL.search(model):
+        raise UsageError(f"{what} {model!r} holds control characters; give the model's name.")
+
+
+def check_reason(reason: str | None) -> None:
+    """``--reason`` is one line of text: a newline would forge a row of ``mlpipe history``.
+
+    Raises:
+        UsageError: the reason holds a newline or another control character.
+    """
+    if reason and _CONTROL.search(reason.replace("\t", " ")):
+        raise UsageError(
+            f"--reason {reason!r} holds a newline or control character; give one line of text."
+        )
+
+
+def check_alias(alias: str) -> None:
+    """An alias mlpipe may move (letters, digits, _ and -; not 'latest' nor 'v<N>').
+
+    Raises:
+        UsageError: naming the alias.
+    """
+    if not _ALIAS_RE.match(alias) or alias == "latest":
+        raise UsageError(
+            f"--alias {alias!r} is not a usable alias (letters, digits, _ and -; not 'latest')."
+        )
+    if re.fullmatch(r"[vV]\d+", alias):
+        raise UsageError(f"--alias {alias!r} is reserved by MLflow for version numbers.")
+
+
+def check_request(request: PromotionRequest) -> None:
+    """Every check of a promotion that needs no tracking server: run before connecting.
+
+    Raises:
+        UsageError: all problems found, together.
+    """
+    _check_request(request)
+
+
 def _check_request(request: PromotionRequest) -> None:
     problems = []
+    for check in (
+        lambda: check_model_name(request.model),
+        lambda: check_reason(request.reason),
+    ):
+        try:
+            check()
+        except UsageError as exc:
+            problems.append(str(exc))
     if not _ALIAS_RE.match(request.alias) or request.alias == "latest":
         problems.append(
             f"--alias {request.alias!r} is not a usable alias (letters, digits, _ and -; "

@@ -8,6 +8,7 @@ and ignores ``choices`` and the ``mlpipe:`` section, which are read here.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import os
 import string
@@ -91,6 +92,22 @@ class Project:
     def warnings(self) -> list[Finding]:
         return [f for f in self.findings if f.level == "warning"]
 
+    def shown_as(self, folder: Path, label: str) -> Project:
+        """The project with its findings' files under ``folder`` named ``label (relative)``.
+
+        For a cloned project: the temporary clone is gone by the time anyone reads a warning,
+        and the URL the user gave is what they recognise.
+        """
+
+        def relabel(finding: Finding) -> Finding:
+            try:
+                inside = Path(finding.file).relative_to(folder).as_posix()
+            except ValueError:
+                return finding
+            return dataclasses.replace(finding, file=f"{label} ({inside})")
+
+        return dataclasses.replace(self, findings=tuple(relabel(f) for f in self.findings))
+
     def entry_point(self, name: str) -> EntryPoint:
         """The declared entry point ``name``, or a script file of that name, as MLflow allows.
 
@@ -131,7 +148,8 @@ def load_project(directory: str | os.PathLike[str]) -> Project:
     """Read a project folder and lint it; findings are attached, not raised.
 
     Raises:
-        ProjectError: the folder does not exist.
+        ProjectError: the folder does not exist, or its MLproject cannot be read as UTF-8 text
+            (a folder, a binary file, no permission).
     """
     folder = Path(directory).resolve()
     if not folder.is_dir():
@@ -148,6 +166,35 @@ def load_project(directory: str | os.PathLike[str]) -> Project:
     return _Linter(folder, mlproject).run()
 
 
+def _read_mlproject(path: Path) -> str:
+    """The MLproject's text; a file that cannot be read as UTF-8 text is a ``ProjectError``.
+
+    Checked with ``stat`` before opening, so a folder or a named pipe called MLproject is
+    refused by name instead of raising ``IsADirectoryError`` or blocking on the pipe.
+    """
+    import stat
+
+    try:
+        mode = path.stat().st_mode
+    except OSError as exc:
+        raise ProjectError(f"{path} cannot be read: {exc.strerror or exc}.") from exc
+    if not stat.S_ISREG(mode):
+        what = "a folder" if stat.S_ISDIR(mode) else "not a regular file"
+        raise ProjectError(
+            f"{path} is {what}; the MLproject must be a YAML text file. Rename or remove it, "
+            "then write the file (`mlpipe init` writes one)."
+        )
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ProjectError(
+            f"{path} is not UTF-8 text (byte {exc.start}: {exc.reason}); the MLproject must be "
+            "a YAML text file saved as UTF-8."
+        ) from exc
+    except OSError as exc:
+        raise ProjectError(f"{path} cannot be read: {exc.strerror or exc}.") from exc
+
+
 class _Linter:
     """Builds the Project and its findings from one pass over the YAML node tree."""
 
@@ -158,7 +205,7 @@ class _Linter:
         self.convention = False
 
     def run(self) -> Project:
-        text = self.path.read_text(encoding="utf-8")
+        text = _read_mlproject(self.path)
         try:
             root = yaml.compose(text, Loader=yaml.SafeLoader)
             data = yaml.safe_load(text)

@@ -143,6 +143,8 @@ def plan_run(request: RunRequest) -> RunPlan:
     source = resolve_source(request.uri, request.version)
     try:
         project = load_project(source.directory)
+        if source.temporary is not None:  # name files by the URL given, not the clone
+            project = project.shown_as(source.directory, source.display_uri)
         if project.errors:
             listed = "\n  ".join(str(f) for f in project.errors)
             raise ProjectError(
@@ -539,6 +541,19 @@ def _mlflow_errors():
 
 
 def _check_options(request: RunRequest) -> None:
+    if request.experiment is not None:
+        # '' used to fall back silently to the MLproject's name; a control character makes
+        # an experiment nobody can type or see.
+        if not request.experiment.strip():
+            raise UsageError(
+                f"--experiment {request.experiment!r} is blank; give a name, or leave the "
+                "option out to use $MLFLOW_EXPERIMENT_NAME or the MLproject's name."
+            )
+        if not request.experiment.isprintable():
+            raise UsageError(
+                f"--experiment {request.experiment!r} holds control characters (a newline, a "
+                "tab); give a name of printable characters."
+            )
     if request.env_manager not in ENV_MANAGERS:
         raise UsageError(
             f"--env-manager {request.env_manager!r}: expected one of {', '.join(ENV_MANAGERS)}."

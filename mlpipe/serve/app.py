@@ -31,6 +31,7 @@ import secrets
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from fastapi import Depends, FastAPI, File, HTTPException, Query, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from fastapi.security import HTTPBearer
@@ -244,6 +245,12 @@ def create_app(state: ServeState) -> FastAPI:
     async def root() -> RedirectResponse:
         return RedirectResponse("/docs")
 
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        # FastAPI's own answer lists every error with its "input": the whole request body
+        # (600 KB of base64 for a volume in the wrong field). Name the fields, not the data.
+        return _error(422, _validation_message(exc), _new_id())
+
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
         # Starlette calls this for what no route caught; the routes catch their own.
@@ -303,6 +310,17 @@ def _internal_message(error_id: str) -> str:
         f"Internal server error (error id {error_id}). Nothing is wrong with the request as "
         "far as the server can tell; give the error id to the operator, whose log has details."
     )
+
+
+def _validation_message(exc: RequestValidationError, limit: int = 5) -> str:
+    """One short line per problem (where and what), at most ``limit``; never the input."""
+    parts = []
+    for error in exc.errors()[:limit]:
+        where = ".".join(str(p) for p in error.get("loc", ()) if p != "body") or "body"
+        parts.append(f"{where}: {str(error.get('msg', 'invalid'))[:200]}")
+    more = len(exc.errors()) - limit
+    tail = f" (and {more} more)" if more > 0 else ""
+    return "Invalid request: " + "; ".join(parts) + tail + ". See /docs for the expected form."
 
 
 def _error(

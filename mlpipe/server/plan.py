@@ -263,6 +263,11 @@ def plan(
                 f"password): export {AUTH_PASSWORD_ENV}=... in the server's environment, "
                 "at least 12 characters."
             )
+        if not env[AUTH_PASSWORD_ENV].strip():
+            raise UsageError(
+                f"{AUTH_PASSWORD_ENV} is blank (only whitespace); choose a real admin password "
+                "of at least 12 characters."
+            )
         if len(env[AUTH_PASSWORD_ENV]) < 12:
             raise UsageError(
                 f"{AUTH_PASSWORD_ENV} is shorter than 12 characters, MLflow's minimum for the "
@@ -291,7 +296,22 @@ def plan(
 
 
 def _check_db_uri(option: str, uri: str, here: Path) -> str:
-    scheme = urllib.parse.urlsplit(uri).scheme
+    try:
+        parsed = urllib.parse.urlsplit(uri)
+    except ValueError:
+        raise UsageError(
+            f"{option}: {redact_uri(uri)!r} is not a valid URI; expected "
+            "postgresql://USER@HOST:5432/DB."
+        ) from None
+    scheme = parsed.scheme
+    if "@" in parsed.netloc.rpartition("@")[0]:
+        # libpq splits at the first '@', SQLAlchemy at the last: the driver would take the
+        # password's tail for the host name, and print it in its error.
+        raise UsageError(
+            f"{option}: the user or password in {redact_uri(uri)} holds an unencoded '@'. "
+            "Percent-encode it (@ -> %40), or better leave the password out of the URI and "
+            "set PGPASSWORD or a ~/.pgpass file (PGPASSFILE) in the server's environment."
+        )
     base = scheme.split("+", 1)[0]
     if base == "postgres":
         raise UsageError(

@@ -7,9 +7,6 @@ from __future__ import annotations
 
 import os
 import socket
-import urllib.error
-import urllib.parse
-import urllib.request
 from collections.abc import Mapping
 
 from mlpipe.core.errors import UsageError
@@ -94,7 +91,9 @@ def _check_database(uri: str, timeout: float) -> None:
             "(psycopg for PostgreSQL).",
         ) from exc
     except Exception as exc:
-        raise PreflightError("database", f"{shown} is not a valid URI: {_first_line(exc)}") from exc
+        raise PreflightError(
+            "database", f"{shown} is not a valid URI: {_scrub(_first_line(exc), uri)}"
+        ) from exc
     try:
         with engine.connect() as conn:
             conn.execute(sqlalchemy.text("SELECT 1"))
@@ -189,7 +188,6 @@ def _first_line(exc: object) -> str:
 
 
 def _scrub(text: str, uri: str) -> str:
-    password = urllib.parse.urlsplit(uri).password
-    if password:
-        text = text.replace(password, "***").replace(urllib.parse.unquote(password), "***")
-    return text
+    from mlpipe.core.secrets import scrub
+
+    return scrub(text, [uri])

@@ -144,17 +144,13 @@ def _bootstrap_auth(child_env: dict[str, str], state_dir: Path, mask: Callable[[
 
 
 def _masker(child_env: Mapping[str, str], server_plan: ServerPlan) -> Callable[[str], str]:
-    values = {child_env.get(name) for name in _SECRET_ENV}
-    for uri in (server_plan.backend_store_uri, server_plan.auth_db_uri):
-        password = urllib.parse.urlsplit(uri).password if uri else None
-        if password:
-            values |= {password, urllib.parse.unquote(password)}
-    found = sorted((v for v in values if v and len(v) >= 4), key=len, reverse=True)
+    from mlpipe.core.secrets import scrub
+
+    values = [v for v in (child_env.get(name) for name in _SECRET_ENV) if v and len(v) >= 4]
+    uris = (server_plan.backend_store_uri, server_plan.auth_db_uri)
 
     def mask(line: str) -> str:
-        for value in found:
-            line = line.replace(value, "***")
-        return line
+        return scrub(line, uris, values)
 
     return mask
 
