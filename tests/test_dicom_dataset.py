@@ -66,6 +66,29 @@ def test_a_bad_series_in_a_dataset_is_named(dicom_data):
         build_manifest(dicom_data, cache=False)
 
 
+def test_a_named_pipe_in_a_series_folder_is_refused_unopened(dicom_data):
+    """Opening a FIFO blocks until a writer comes: it must be refused by name, never read."""
+    import os
+    import threading
+
+    os.mkfifo(dicom_data / "imagesTr/case_1/zz-pipe.dcm")
+    outcome: list[BaseException | None] = []
+
+    def scan() -> None:
+        try:
+            build_manifest(dicom_data, cache=False)
+            outcome.append(None)
+        except BaseException as exc:  # handed to the test thread
+            outcome.append(exc)
+
+    worker = threading.Thread(target=scan, daemon=True)  # a hang fails instead of blocking
+    worker.start()
+    worker.join(timeout=10)
+    assert outcome, "build_manifest hung on a named pipe in a series folder"
+    assert isinstance(outcome[0], DatasetError)
+    assert "zz-pipe.dcm is not a regular file" in str(outcome[0])
+
+
 def test_label_on_another_grid_than_its_series_is_refused(tmp_path):
     root = write_dicom_dataset(tmp_path / "d", cases=1)
     shutil.rmtree(root / "imagesTr/case_0")
