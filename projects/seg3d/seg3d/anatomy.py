@@ -116,7 +116,7 @@ def make_anatomy(
             test.append(f"./imagesTs/{name}")
     meta = {
         "name": f"mni-anatomy-{variant}",
-        "version": f"anat1-{variant}-s{seed}-n{count}-t{test_count}-{'x'.join(f'{v:g}' for v in voxel)}",
+        "version": f"anat1-{variant}-s{seed}-n{count}-t{test_count}-{_fmt(voxel)}",
         "description": "MNI152 2009 brain warped into subjects (seg3d.anatomy)",
         "reference": "ICBM 2009a nonlinear symmetric template, via nilearn",
         "tensorImageSize": "4D" if variant == "multi" else "3D",
@@ -145,11 +145,8 @@ def subject(
     shape = tuple(max(8, round(f / s)) for f, s in zip(field_of_view, spacing, strict=True))
     # world coordinates of the subject's voxels, centred on the template's brain centre
     centre = np.array([0.0, -18.0, 8.0])
-    grid = np.stack(
-        np.meshgrid(*[(np.arange(n) - (n - 1) / 2) * s for n, s in zip(shape, spacing, strict=True)],
-                    indexing="ij"),  # fmt: skip
-        axis=-1,
-    ).astype(np.float32)
+    axes = [(np.arange(n) - (n - 1) / 2) * s for n, s in zip(shape, spacing, strict=True)]
+    grid = np.stack(np.meshgrid(*axes, indexing="ij"), axis=-1).astype(np.float32)
     angles = np.radians(rng.uniform(-8, 8, 3))
     matrix = _rotation(angles) * rng.uniform(0.92, 1.08)
     shift = rng.uniform(-4, 4, 3)
@@ -188,6 +185,10 @@ def _contrast(rng, name: str, tissue, head, bias, shape) -> np.ndarray:
     real = signal + rng.normal(0, noise, shape)
     imag = rng.normal(0, noise, shape)
     return (np.sqrt(real**2 + imag**2) * head).astype(np.float32)  # skull-stripped: 0 outside
+
+
+def _fmt(values) -> str:
+    return "x".join(f"{v:g}" for v in values)
 
 
 def _rotation(angles: np.ndarray) -> np.ndarray:
