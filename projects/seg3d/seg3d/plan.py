@@ -41,8 +41,9 @@ ANISO_THRESHOLD = 3.0
 """nnU-Net's: an axis whose spacing is more than this times the finest is "thick-slice"."""
 MIN_FEATURE_MAP = 4
 MAX_POOLINGS = 5
-CPU_BUDGET_BYTES = 0.5 * 2**30
-"""On a CPU, step time limits: this keeps a step around a second on two cores."""
+CPU_BUDGET_BYTES = 0.2 * 2**30
+"""On a CPU, step time limits, not memory: this keeps patches near 32^3 voxels, whose
+steps take a fraction of a second on two cores (a 48^3 step is about twice as long)."""
 GPU_SHARE = 0.45
 ACTIVATIONS_PER_FILTER = 12
 """Float tensors kept per voxel and filter: 2 convolutions x (conv, norm, activation) x
