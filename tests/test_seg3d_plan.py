@@ -72,7 +72,7 @@ def test_read_dataset_json_decathlon_and_nnunet_v2(tmp_path):
 
 
 def test_ct_plan_keeps_thick_slices_and_clips_to_foreground_percentiles(sets):
-    fp, plan = planned(sets["ct"])
+    _fp, plan = planned(sets["ct"])
     v = plan["values"]
     header = nib.load(next((sets["ct"] / "imagesTr").iterdir())).header
     assert v["spacing"] == [float(s) for s in header.get_zooms()]  # 2x2x6 mm: anisotropic
@@ -108,7 +108,7 @@ def test_ct_plan_normalization_is_clip_then_zscore_with_foreground_stats(sets):
 
 
 def test_mri_plan_zscores_each_image_over_the_nonzero_region(sets):
-    fp, plan = planned(sets["mri"])
+    _fp, plan = planned(sets["mri"])
     v = plan["values"]
     image = np.asarray(nib.load(next((sets["mri"] / "imagesTr").iterdir())).dataobj)
     assert np.count_nonzero(image) / image.size < 0.75  # a large zero background
@@ -145,7 +145,7 @@ def test_thick_slice_axis_takes_its_10th_percentile_not_finer_than_the_others():
 def test_patch_fits_the_budget_and_the_rare_class_is_sampled(sets):
     from seg3d.transforms import _crop
 
-    fp, plan = planned(sets["mri"])
+    _fp, plan = planned(sets["mri"])
     v = plan["values"]
     assert estimate_bytes(v["patch_size"], v["batch_size"], v["filters"], v["strides"]) <= (
         CPU_BUDGET_BYTES
