@@ -205,17 +205,14 @@ def _case(pair: Pair, index: int) -> tuple[dict, np.ndarray]:
     from mlpipe.data.volumes import load_volume
 
     label, _ = load_volume(pair.label, dtype=None)
-    label = np.rint(label).astype(np.int64, copy=False) if label.dtype.kind == "f" else label
-    flat = label.reshape(-1)
-    counts = np.bincount(flat.clip(min=0)) if flat.size else np.zeros(1, dtype=np.int64)
-    foreground = np.flatnonzero(flat > 0)
+    label = np.rint(label).astype(np.int64) if label.dtype.kind == "f" else label
+    flat = label.reshape(-1, order="F")  # NIfTI arrays are Fortran-ordered: a view, no copy
+    counts = _counts(flat)
+    foreground = _foreground_sample(flat, counts, np.random.default_rng(index))
     del label, flat
-    rng = np.random.default_rng(index)
-    if foreground.size > SAMPLES_PER_CASE:
-        foreground = rng.choice(foreground, SAMPLES_PER_CASE, replace=False)
-    image, header = load_volume(pair.image)
+    image, header = load_volume(pair.image, dtype=None)  # stored dtype: no float copy
     spatial = int(np.prod(header.spatial_shape))
-    data = image.reshape(spatial, -1)  # channels last, as NIfTI stores them
+    data = image.reshape(spatial, -1, order="F")  # (voxel, channel), the label's voxel order
     sample = data[foreground].T.astype(np.float32)
     nonzero = float(np.count_nonzero(data[:, 0])) / max(spatial, 1)
     del image, data
@@ -237,6 +234,38 @@ def _case(pair: Pair, index: int) -> tuple[dict, np.ndarray]:
         "class_voxels": {str(v): int(n) for v, n in enumerate(counts) if n},
     }
     return case, sample
+
+
+def _counts(flat: np.ndarray) -> np.ndarray:
+    """Voxels per label value; a few comparisons beat ``bincount``'s cast to intp for few."""
+    if flat.size == 0:
+        return np.zeros(1, dtype=np.int64)
+    if flat.dtype.kind != "u":
+        flat = flat.clip(min=0)  # negative values are refused later (check_dataset)
+    top = int(flat.max())
+    if top < 16:
+        return np.array([np.count_nonzero(flat == v) for v in range(top + 1)], dtype=np.int64)
+    return np.bincount(flat)
+
+
+def _foreground_sample(flat: np.ndarray, counts: np.ndarray, rng) -> np.ndarray:
+    """Up to ``SAMPLES_PER_CASE`` random foreground voxel indices (with replacement).
+
+    Random voxels are drawn and the foreground ones kept, which costs O(samples / foreground
+    share) instead of listing every foreground voxel; a rare foreground is listed instead.
+    """
+    n_fg = int(flat.size - counts[0])
+    if n_fg <= 0:
+        return np.zeros(0, dtype=np.int64)
+    draws = int(2 * SAMPLES_PER_CASE * flat.size / n_fg)
+    if n_fg <= SAMPLES_PER_CASE or draws >= flat.size // 4:
+        everything = np.flatnonzero(flat)
+        if everything.size <= SAMPLES_PER_CASE:
+            return everything
+        return everything[rng.integers(0, everything.size, SAMPLES_PER_CASE)]
+    picks = rng.integers(0, flat.size, draws)
+    picks = picks[flat[picks] != 0]
+    return picks[:SAMPLES_PER_CASE]
 
 
 def _cache_file(digest: str, cache: bool | str | os.PathLike[str]) -> Path | None:
