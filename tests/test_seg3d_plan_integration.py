@@ -152,3 +152,17 @@ def test_multi_channel_set_trains_and_serves(anatomy, tmp_path):
     finally:
         mlflow.set_tracking_uri(None)
     assert mask.shape == nib.load(image).shape[:3]
+
+
+def test_plan_entry_point_prints_and_logs_the_plan_without_training(anatomy, tmp_path):
+    done = run("run", str(PROJECT), "-e", "plan", "-P", f"data_dir={anatomy['mri']}",
+               cwd=tmp_path)  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    lines = [line for line in done.stdout.splitlines() if line.startswith("seg3d: plan:")]
+    assert 4 <= len(lines) <= 6 and "spacing 6x6x6 mm" in done.stdout
+    client, found = the_run(tmp_path)
+    assert found.data.tags["mlpipe.plan.digest"]
+    assert found.data.params["plan.overridden"] == "none"
+    assert "train_loss" not in found.data.metrics
+    artifacts = {a.path for a in client.list_artifacts(found.info.run_id, "mlpipe")}
+    assert "mlpipe/plan.json" in artifacts
