@@ -204,9 +204,11 @@ def normalization(channels: Sequence[str], summary: dict) -> dict:
 def _normalization_reason(values: dict, channels: Sequence[str]) -> str:
     if values["modality"] == "ct":
         low, high = values["window"]
+        if not values["norm_std"]:
+            return f"CT: window {low:g}..{high:g} HU mapped to 0..1"
         return (
-            f"CT: clip to foreground p0.5..p99.5 = {low:g}..{high:g} HU, then z-score with "
-            f"foreground mean {values['norm_mean']:g}, std {values['norm_std']:g}"
+            f"CT: clip to foreground p0.5..p99.5 = {low:.0f}..{high:.0f} HU, then z-score with "
+            f"foreground mean {values['norm_mean']:.1f}, std {values['norm_std']:.1f}"
         )
     region = "the non-zero voxels" if values["nonzero"] else "all voxels"
     return f"{', '.join(channels)}: z-score each image (per channel) over {region}"
