@@ -499,7 +499,7 @@ def _log_final_model(result: TrainResult, model, config, checkpoints: Path, info
         client = mlflow.MlflowClient()
         tags = mlflow.get_run(result.run_id).data.tags
         for key, value in tags.items():
-            if key.startswith(("mlpipe.dataset.", "mlpipe.preprocessing.")):
+            if key.startswith(("mlpipe.dataset.", "mlpipe.preprocessing.", "mlpipe.plan.")):
                 client.set_model_version_tag(name, str(version), key, value)
         client.set_model_version_tag(
             name, str(version), "seg3d.val_dice", f"{result.best_val_dice:.4f}"
