@@ -221,7 +221,7 @@ def test_plan_run_refuses_num_classes_or_labels_that_contradict_dataset_json(set
 def test_poly_schedule_ends_when_the_budget_does():
     import torch
 
-    from seg3d.train import PolySchedule
+    from seg3d.schedule import PolySchedule
 
     optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
     schedule = PolySchedule(optimizer, 0.01)
