@@ -38,9 +38,10 @@ browser:
 	  $$sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq chromium >/dev/null; }
 
 ## demo: the main job on the embedded default (SQLite ./mlruns.db, local artifacts, synthetic
-## volumes): seg3d synthesizes its data, trains, evaluates on the test split, registers `seg3d`
+## volumes): seg3d synthesizes its data, plans, trains for one minute (max_minutes: the LR
+## schedule ends with it), evaluates on the test split, registers `seg3d`
 demo: install
-	$(VENV)/bin/mlpipe run projects/seg3d -P register=true
+	$(VENV)/bin/mlpipe run projects/seg3d -P register=true -P max_minutes=1
 	@echo
 	@echo "Look at the result:  $(VENV)/bin/mlflow ui --backend-store-uri sqlite:///mlruns.db"
 

@@ -82,6 +82,7 @@ def test_mlpipe_run_trains_registers_and_model_segments_any_shape(tiny_data, tmp
     assert version.run_id == run.info.run_id
     assert version.tags["mlpipe.dataset.digest"] == run.data.tags["mlpipe.dataset.digest"]
     assert version.tags["mlpipe.preprocessing.digest"]
+    assert version.tags["mlpipe.plan.digest"] == run.data.tags["mlpipe.plan.digest"]
 
     # a volume of another shape, in LPS orientation: the mask comes back in its own space
     affine = np.diag([-0.9, -0.9, 2.5, 1.0])

@@ -61,6 +61,17 @@ class ServerBusy(Exception):
     """More requests wait for inference than ``--max-queue`` allows (HTTP 503)."""
 
 
+def model_channels(model: Any) -> int:
+    """Input channels a loaded pyfunc declares (``config.in_channels`` of seg3d's), else 1."""
+    try:
+        inner = model.unwrap_python_model()
+    except Exception:  # not a Python-function model, or an MLflow without unwrap
+        return 1
+    config = getattr(inner, "config", None)
+    channels = getattr(config, "in_channels", 1)
+    return channels if isinstance(channels, int) and channels > 0 else 1
+
+
 @dataclass(frozen=True)
 class Segmentation:
     """One served request's result."""
@@ -151,7 +162,15 @@ class Segmenter:
         if declared is not None and declared[3] > self.max_volume_bytes:
             raise InputRejected(413, self._too_many_voxels(name, declared[0], declared[1]))
         header = read_upload_header(path, name)
-        if header.ndim != 3:
+        channels = model_channels(self.model)
+        if channels > 1:  # a multi-channel model (seg3d's plan from dataset.json) takes 4D
+            if header.ndim != 4 or header.shape[3] != channels:
+                raise InputRejected(
+                    422,
+                    f"{name} has shape {tuple(header.shape)}: this model takes 4D volumes "
+                    f"with {channels} channels last (x, y, z, {channels}).",
+                )
+        elif header.ndim != 3:
             raise InputRejected(
                 422,
                 f"{name} has shape {tuple(header.shape)}: expected one 3D volume (x, y, z). "

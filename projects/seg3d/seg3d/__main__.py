@@ -22,18 +22,19 @@ def _bool(text: str) -> bool:
 
 
 def _train_args(parser: argparse.ArgumentParser) -> None:
+    # Empty or 0 means "from the plan" (seg3d.plan): only what the user gives overrides it.
     parser.add_argument("--data-dir", default="")
     parser.add_argument("--dataset-version", default="")
-    parser.add_argument("--model", default="unet")
-    parser.add_argument("--epochs", type=int, default=40)
-    parser.add_argument("--batch-size", type=int, default=2)
-    parser.add_argument("--patch-size", default="32,32,32")
-    parser.add_argument("--spacing", default="1.5,1.5,2.0")
-    parser.add_argument("--modality", default="ct")
-    parser.add_argument("--window", default="-175,250")
-    parser.add_argument("--num-classes", type=int, default=3)
-    parser.add_argument("--lr", type=float, default=5e-3)
-    parser.add_argument("--val-every", type=int, default=5)
+    parser.add_argument("--model", default="")
+    parser.add_argument("--epochs", type=int, default=0)
+    parser.add_argument("--batch-size", type=int, default=0)
+    parser.add_argument("--patch-size", default="")
+    parser.add_argument("--spacing", default="")
+    parser.add_argument("--modality", default="")
+    parser.add_argument("--window", default="")
+    parser.add_argument("--num-classes", type=int, default=0)
+    parser.add_argument("--lr", type=float, default=0.0)
+    parser.add_argument("--val-every", type=int, default=-1)
     parser.add_argument("--val-fraction", type=float, default=0.2)
     parser.add_argument("--cache-rate", type=float, default=1.0)
     parser.add_argument("--amp", type=_bool, default=True)
@@ -46,19 +47,34 @@ def _train_args(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from(args: argparse.Namespace) -> TrainConfig:
+    """The checked config; settings left empty (or 0) are listed in ``auto`` for the plan."""
+    given: dict = {}
+    given["model"] = args.model or "dynunet"  # the plan's network; refined by the plan
+    if args.epochs:
+        given["epochs"] = args.epochs
+    if args.batch_size:
+        given["batch_size"] = args.batch_size
+    if str(args.patch_size).strip():
+        given["patch_size"] = triple(args.patch_size, "patch_size", int)
+    if str(args.spacing).strip():
+        given["spacing"] = triple(args.spacing, "spacing")
+    if args.modality:
+        given["modality"] = args.modality
+    if str(args.window).strip():
+        given["window"] = pair(args.window, "window")
+    if args.num_classes:
+        given["num_classes"] = args.num_classes
+    if args.lr:
+        given["lr"] = args.lr
+    if args.val_every >= 0:
+        given["val_every"] = args.val_every
+    from seg3d.planning import USER_FIELDS
+
     config = TrainConfig(
         data_dir=args.data_dir,
         dataset_version=args.dataset_version,
-        model=args.model,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        patch_size=triple(args.patch_size, "patch_size", int),
-        spacing=triple(args.spacing, "spacing"),
-        modality=args.modality,
-        window=pair(args.window, "window"),
-        num_classes=args.num_classes,
-        lr=args.lr,
-        val_every=args.val_every,
+        **given,
+        auto=[k for k in USER_FIELDS if k not in given or (k == "model" and not args.model)],
         val_fraction=args.val_fraction,
         cache_rate=args.cache_rate,
         amp=args.amp,
@@ -90,10 +106,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--window", default="-175,250")
     _train_args(sub.add_parser("train", help="train (and optionally register) a model"))
     _train_args(sub.add_parser("main", help="train, evaluate on the test split, register"))
+    p = sub.add_parser("plan", help="fingerprint the dataset and print the training plan")
+    p.add_argument("--data-dir", default="")
+    p.add_argument("--max-minutes", type=float, default=0.0)
     p = sub.add_parser("evaluate", help="per-case Dice, HD95 and volume error on imagesTs")
     p.add_argument("--model-uri", required=True)
     p.add_argument("--data-dir", default="")
-    p.add_argument("--num-classes", type=int, default=3)
+    p.add_argument("--num-classes", type=int, default=0, help="0: the model's own")
     return top
 
 
@@ -121,10 +140,14 @@ def main(argv: list[str] | None = None) -> int:
             from seg3d.train import train_entry
 
             train_entry(config_from(args), evaluate_after=args.step == "main")
+        elif args.step == "plan":
+            from seg3d.planning import plan_entry
+
+            plan_entry(args.data_dir, args.max_minutes)
         else:
             from seg3d.evaluate import evaluate
 
-            evaluate(args.model_uri, args.data_dir, num_classes=args.num_classes)
+            evaluate(args.model_uri, args.data_dir, num_classes=args.num_classes or None)
     except (Seg3dInputError, UsageError) as exc:
         print(f"Error: {exc}", file=sys.stderr)
         return 2

@@ -68,13 +68,16 @@ def check_dataset(info: DatasetInfo, config: TrainConfig, *, split: str = "train
             f"Dataset {info.source} has no {split} cases; put them in {folder} (Decathlon "
             "layout) or mark them with that split in the CSV/JSON manifest"
         )
-    headers = check_geometry(pairs)
+    headers = check_geometry(pairs, channels=config.in_channels)
     _check_patch(pairs, headers, config)
     _check_labels(pairs, config.num_classes)
 
 
-def check_geometry(pairs: Iterable[Pair]) -> dict[Path, VolumeHeader]:
+def check_geometry(pairs: Iterable[Pair], *, channels: int = 1) -> dict[Path, VolumeHeader]:
     """Each image 3D (a trailing axis of 1 allowed), each label on its image's grid.
+
+    ``channels > 1`` (declared by ``dataset.json``): each image is 4D with that many channels
+    last, as the Decathlon's BraTS task stores FLAIR, T1, T1ce and T2.
 
     Headers only: nothing is decompressed beyond the header. Every problem is reported at
     once, so a user fixes the dataset in one go.
@@ -91,10 +94,17 @@ def check_geometry(pairs: Iterable[Pair]) -> dict[Path, VolumeHeader]:
     headers: dict[Path, VolumeHeader] = {}
     for pair in pairs:
         image = headers[pair.image] = read_header(pair.image)
-        if not _is_3d(image.shape):
+        if channels > 1 and (len(image.shape) != 4 or image.shape[3] != channels):
+            problems.append(
+                f"Image {pair.image} has shape {_fmt(image.shape)}; dataset.json declares "
+                f"{channels} channels, so each image must be 4D with {channels} channels last"
+            )
+        elif channels == 1 and not _is_3d(image.shape):
             problems.append(
                 f"Image {pair.image} has shape {_fmt(image.shape)}; seg3d expects one 3D volume "
-                "per case. Save each channel or time point as its own case, or use a 3D image"
+                'per case, unless dataset.json declares the channels ("modality": {"0": '
+                '"T1", "1": "T2"}). Declare them, save each channel as its own case, or use a '
+                "3D image"
             )
         if pair.label is None:
             continue

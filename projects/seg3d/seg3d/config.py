@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-MODELS = ("unet", "segresnet")
+MODELS = ("dynunet", "unet", "segresnet")
 MODALITIES = ("ct", "mri")
 
 
@@ -43,6 +43,21 @@ class TrainConfig:
     nproc: int = 1
     num_samples: int = 2
     """Random patches per volume per step (positive/negative sampling)."""
+    in_channels: int = 1
+    norm_mean: float = 0.0
+    norm_std: float = 0.0
+    """CT: with ``norm_std > 0`` the window clips and this z-scores (the plan's foreground
+    statistics); 0 keeps the older window-to-0..1 mapping."""
+    nonzero: bool = True
+    """MRI: z-score over the non-zero voxels only (a large zero background)."""
+    kernels: list | None = None
+    strides: list | None = None
+    filters: list | None = None
+    """DynUNet topology (from the plan); None for unet/segresnet."""
+    class_ratios: list | None = None
+    """``RandCropByLabelClassesd`` weights per class; None: positive/negative sampling."""
+    auto: list = field(default_factory=list)
+    """Fields not given on the command line: the plan sets them (``seg3d.plan``)."""
     extra: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -52,7 +67,7 @@ class TrainConfig:
     def from_dict(cls, values: dict) -> TrainConfig:
         known = {k: v for k, v in values.items() if k in cls.__dataclass_fields__}
         for key in ("patch_size", "spacing", "window"):
-            if key in known:
+            if known.get(key) is not None:
                 known[key] = tuple(known[key])
         return cls(**known)
 
@@ -66,8 +81,12 @@ class TrainConfig:
             raise Seg3dInputError(
                 f"num_classes: {self.num_classes}; need at least 2 (background + one class)"
             )
-        if self.epochs < 1 or self.batch_size < 1 or self.val_every < 1:
-            raise Seg3dInputError("epochs, batch_size and val_every must be at least 1")
+        if self.epochs < 1 or self.batch_size < 1 or self.val_every < 0:
+            raise Seg3dInputError("epochs and batch_size must be at least 1, val_every 0 or more")
+        if self.val_every == 0 and self.max_minutes <= 0:
+            raise Seg3dInputError(
+                "val_every: 0 (validate by time) needs a max_minutes budget; give val_every >= 1"
+            )
         if self.checkpoint_every_s < 0:
             raise Seg3dInputError(
                 f"checkpoint_every_s: {self.checkpoint_every_s}; expected 0 (every epoch) or "
@@ -83,6 +102,15 @@ class TrainConfig:
             raise Seg3dInputError(
                 f"patch_size: {self.patch_size}; segresnet needs multiples of 8 (e.g. 32,32,32)"
             )
+        if self.model == "dynunet" and self.strides:
+            from seg3d.plan import divisor
+
+            step = divisor(self.strides)
+            if any(p % d for p, d in zip(self.patch_size, step, strict=True)):
+                raise Seg3dInputError(
+                    f"patch_size: {self.patch_size}; this DynUNet (strides {self.strides[1:]}) "
+                    f"needs multiples of {'x'.join(map(str, step))}"
+                )
         if self.model == "unet" and any(p % 16 for p in self.patch_size):
             raise Seg3dInputError(
                 f"patch_size: {self.patch_size}; unet (4 down-samplings) needs multiples of 16"

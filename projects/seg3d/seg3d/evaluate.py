@@ -39,14 +39,17 @@ CSV_ARTIFACT = "evaluation/per_case.csv"
 HD_PERCENTILE = 95
 
 
-def evaluate(model_uri: str, data_dir: str | os.PathLike[str], *, num_classes: int) -> dict:
+def evaluate(
+    model_uri: str, data_dir: str | os.PathLike[str], *, num_classes: int | None = None
+) -> dict:
     """Predict every labelled test case one at a time, score it, log and return the means.
 
     Args:
         model_uri: the pyfunc, e.g. ``runs:/<run_id>/model`` or ``models:/seg3d/3``.
         data_dir: a dataset with a test split (Decathlon ``imagesTs/`` + ``labelsTs/``, or a
             manifest with ``split: test``); empty for the built-in synthetic dataset.
-        num_classes: classes including background; must match the model's.
+        num_classes: classes including background; None (the default) takes the model's
+            own, read from its output schema; given, it must match the model's.
 
     Returns:
         ``mean_dice``, ``mean_hd95``, ``mean_volume_error`` and ``mean_dice_<c>`` per class.
@@ -62,8 +65,15 @@ def evaluate(model_uri: str, data_dir: str | os.PathLike[str], *, num_classes: i
     import mlpipe.log as mlog
     from mlpipe.data.dataset import build_manifest
 
-    if num_classes < 2:
+    if num_classes is not None and num_classes < 2:
         raise Seg3dInputError(f"num_classes: {num_classes}; need at least 2")
+    model = _load_model(model_uri, num_classes)
+    num_classes = _model_classes(model) or num_classes or 0
+    if num_classes < 2:
+        raise Seg3dInputError(
+            f"model_uri: {model_uri} has no output schema to read num_classes from; pass "
+            "--num-classes"
+        )
     if not str(data_dir):
         from seg3d.synthesize import default_dataset
 
@@ -75,7 +85,6 @@ def evaluate(model_uri: str, data_dir: str | os.PathLike[str], *, num_classes: i
             f"data_dir: {data_dir} has no labelled test case; put test images in imagesTs/ and "
             "their labels in labelsTs/ (or give split 'test' in the manifest)"
         )
-    model = _load_model(model_uri, num_classes)
     # After every check, so bad input logs nothing; starts a run if none is active.
     mlog.dataset(data_dir, context="test")
 
@@ -162,7 +171,15 @@ def format_summary(table: pd.DataFrame, means: dict[str, float], num_classes: in
 
 
 # internals -------------------------------------------------------------------------------------
-def _load_model(model_uri: str, num_classes: int):
+def _model_classes(model) -> int | None:
+    """Classes (background included) the model segments, from its ``volume_ml_<c>`` outputs."""
+    schema = model.metadata.get_output_schema()
+    if schema is None:
+        return None
+    return 1 + sum(name.startswith("volume_ml_") for name in schema.input_names())
+
+
+def _load_model(model_uri: str, num_classes: int | None):
     """The pyfunc, refused if it cannot be loaded or segments another number of classes."""
     import mlflow.pyfunc
     from mlflow.exceptions import MlflowException
@@ -174,14 +191,12 @@ def _load_model(model_uri: str, num_classes: int):
             f"model_uri: cannot load {model_uri} ({exc.message}); give runs:/<run_id>/model or "
             "models:/<name>/<version>"
         ) from exc
-    schema = model.metadata.get_output_schema()
-    if schema is not None:
-        found = 1 + sum(name.startswith("volume_ml_") for name in schema.input_names())
-        if found != num_classes:
-            raise Seg3dInputError(
-                f"num_classes: {num_classes}, but {model_uri} segments {found} classes; "
-                f"pass --num-classes {found}"
-            )
+    found = _model_classes(model)
+    if found is not None and num_classes is not None and found != num_classes:
+        raise Seg3dInputError(
+            f"num_classes: {num_classes}, but {model_uri} segments {found} classes; "
+            f"pass --num-classes {found} or leave it out (the model's own)"
+        )
     return model
 
 

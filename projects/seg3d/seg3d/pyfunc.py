@@ -138,7 +138,7 @@ class Seg3dModel(mlflow.pyfunc.PythonModel):
     def _predict_row(self, row: pd.Series, present: list[str], where: str) -> dict:
         with tempfile.TemporaryDirectory(prefix="seg3d-") as tmp:
             path, column = _row_volume(row, present, where, Path(tmp))
-            original = _read_header(path, where, column)
+            original = _read_header(path, where, column, self.config.in_channels)
             try:
                 mask = self.segment(path)
             except UnreadableVolumeError as exc:
@@ -146,7 +146,7 @@ class Seg3dModel(mlflow.pyfunc.PythonModel):
                 raise _input_error(
                     f"{where}, column {column!r}: {shown} is not a readable NIfTI volume ({exc})"
                 ) from None
-        if mask.shape != original.shape:  # the inverse should make this impossible
+        if mask.shape != original.shape[:3]:  # the inverse should make this impossible
             raise RuntimeError(
                 f"{where}: mask shape {mask.shape} differs from input shape {original.shape}"
             )
@@ -382,8 +382,11 @@ def _base64_bytes(text: str) -> bytes:
         raise ValueError("not base64 text (expected base64 of a .nii.gz or .nii file)") from None
 
 
-def _read_header(path: Path, where: str, column: str) -> nib.Nifti1Image:
-    """The input's own geometry (shape, affine), read before any preprocessing."""
+def _read_header(path: Path, where: str, column: str, channels: int = 1) -> nib.Nifti1Image:
+    """The input's own geometry (shape, affine), read before any preprocessing.
+
+    A model trained on ``channels`` > 1 takes 4D images with that many channels last.
+    """
     import nibabel as nib
 
     try:
@@ -394,7 +397,12 @@ def _read_header(path: Path, where: str, column: str) -> nib.Nifti1Image:
         raise _input_error(
             f"{where}, column {column!r}: {shown} is not a readable NIfTI volume ({exc})"
         ) from None
-    if len(shape) != 3:
+    if channels > 1 and (len(shape) != 4 or shape[3] != channels):
+        raise _input_error(
+            f"{where}, column {column!r}: this model takes 4D volumes with {channels} channels "
+            f"last, got shape {tuple(shape)}"
+        )
+    if channels == 1 and len(shape) != 3:
         raise _input_error(
             f"{where}, column {column!r}: expected a 3D volume, got shape {tuple(shape)}"
         )

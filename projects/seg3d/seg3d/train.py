@@ -25,12 +25,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from seg3d.config import Seg3dInputError, TrainConfig
+from seg3d.schedule import PolySchedule
 
 if TYPE_CHECKING:
     import torch
 
 CHECKPOINT_DIR = "checkpoints"
 CHECKPOINT_FORMAT = "seg3d.checkpoint/1"
+VALIDATIONS_PER_BUDGET = 10
+"""With ``max_minutes`` and ``val_every`` 0: validate about this many times over the budget."""
 
 
 @dataclass
@@ -57,7 +60,7 @@ def train_entry(config: TrainConfig, *, evaluate_after: bool = False) -> TrainRe
     if evaluate_after and result.model_uri:
         from seg3d.evaluate import evaluate
 
-        evaluate(result.model_uri, config.data_dir, num_classes=config.num_classes)
+        evaluate(result.model_uri, config.data_dir)
     _print_summary(result)
     return result
 
@@ -77,7 +80,9 @@ def train(config: TrainConfig, *, log: bool = True) -> TrainResult:
     from monai.data import CacheDataset, ThreadDataLoader, partition_dataset
     from monai.utils import set_determinism
 
-    from seg3d.checks import check_dataset, resolve_data_dir, split_cases
+    from seg3d.checks import check_dataset, check_geometry, resolve_data_dir, split_cases
+    from seg3d.fingerprint import read_dataset_json
+    from seg3d.planning import log_plan, plan_run, print_plan
     from seg3d.transforms import infer_transforms, train_transforms, val_transforms
 
     dist = _Distributed.start()
@@ -94,8 +99,18 @@ def train(config: TrainConfig, *, log: bool = True) -> TrainResult:
     data_dir = resolve_data_dir(config)
     version = config.dataset_version or None
     info = build_manifest(data_dir, version=version)
-    check_dataset(info, config)  # all before a run is started or anything logged
+    # all before a run is started or anything logged: an undeclared 4D image, a value that
+    # contradicts dataset.json, a dataset this (planned) config cannot train on
+    meta = read_dataset_json(data_dir)
+    check_geometry(
+        [p for p in info.pairs if p.split in ("train", "val")],
+        channels=len(meta.channels) if meta.channels else 1,
+    )
+    planned = plan_run(config, info, data_dir)
+    check_dataset(info, config)
     _note_preprocessed(data_dir, config)
+    if dist.rank == 0:
+        print_plan(planned)
     run_id = None
     if tracking:
         import mlflow
@@ -105,6 +120,7 @@ def train(config: TrainConfig, *, log: bool = True) -> TrainResult:
         active = mlflow.active_run() or mlflow.start_run(log_system_metrics=True)
         run_id = active.info.run_id
         info = mlog.dataset(data_dir, version=version)  # hashes cached: no file read again
+        log_plan(planned)
     train_pairs, val_pairs = split_cases(info.pairs, config.val_fraction, config.seed)
     items = [{"image": str(p.image), "label": str(p.label)} for p in train_pairs]
     if dist.world > 1:
@@ -162,10 +178,14 @@ def train(config: TrainConfig, *, log: bool = True) -> TrainResult:
     history: list[dict] = []
     stopped_early = False
     epoch = start_epoch - 1
-    progress = _Progress(config.epochs, enabled=dist.rank == 0)
+    budget_s = 60.0 * config.max_minutes
+    validated_at = began
+    progress = _Progress(config.epochs, enabled=dist.rank == 0, budget_s=budget_s)
     for epoch in range(start_epoch, config.epochs):
         if dist.world > 1 and hasattr(loader.sampler, "set_epoch"):
             loader.sampler.set_epoch(epoch)
+        spent = (time.monotonic() - began) / budget_s if budget_s > 0 else 0.0
+        scheduler.set_progress(max(epoch / config.epochs, spent))
         model.train()
         t0 = time.perf_counter()
         waited, samples, losses = 0.0, 0, []
@@ -186,7 +206,6 @@ def train(config: TrainConfig, *, log: bool = True) -> TrainResult:
             progress.step(epoch, step + 1, batches)
             fetch = time.perf_counter()
         lr = optimizer.param_groups[0]["lr"]  # the rate this epoch trained with
-        scheduler.step()
         train_loss = float(torch.stack(losses).mean()) if losses else float("nan")
         train_loss = dist.mean(train_loss, device)
         samples = int(dist.sum(samples, device))
@@ -200,7 +219,18 @@ def train(config: TrainConfig, *, log: bool = True) -> TrainResult:
         }
         if cuda:
             row["gpu_memory_peak_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
-        if (epoch + 1) % config.val_every == 0 or epoch + 1 == config.epochs:
+        # With a budget, stop when the next epoch would not fit; that last epoch validates, so
+        # the best checkpoint has seen the end of the schedule.
+        elapsed = time.monotonic() - began
+        out_of_time = budget_s > 0 and elapsed + seconds > budget_s
+        stop = dist.any(out_of_time, device) and epoch + 1 < config.epochs
+        due = (
+            (epoch + 1) % config.val_every == 0
+            if config.val_every
+            else time.monotonic() - validated_at >= budget_s / VALIDATIONS_PER_BUDGET
+        )
+        if due or stop or epoch + 1 == config.epochs:
+            validated_at = time.monotonic()
             scores, picture = _validate(model, val_loader, config, device)
             row.update(scores)
             if tracking and picture is not None:
@@ -210,8 +240,6 @@ def train(config: TrainConfig, *, log: bool = True) -> TrainResult:
         improved = row.get("val_dice", -1.0) > best
         if improved:
             best, best_epoch = row["val_dice"], epoch
-        out_of_time = config.max_minutes > 0 and time.monotonic() - began > 60 * config.max_minutes
-        stop = dist.any(out_of_time, device) and epoch + 1 < config.epochs
         if dist.rank == 0:
             last = epoch + 1 == config.epochs or stop
             if checkpoint_due(config.checkpoint_every_s, saved_at, improved=improved, last=last):
@@ -260,7 +288,7 @@ def _build(config: TrainConfig, device: torch.device, dist: _Distributed):
             model, device_ids=[device.index] if device.type == "cuda" else None
         )
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=1e-5)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs)
+    scheduler = PolySchedule(optimizer, config.lr)
     scaler = torch.amp.GradScaler(device.type, enabled=config.amp and device.type == "cuda")
     return model, optimizer, scheduler, scaler
 
@@ -448,7 +476,7 @@ def _log_final_model(result: TrainResult, model, config, checkpoints: Path, info
         client = mlflow.MlflowClient()
         tags = mlflow.get_run(result.run_id).data.tags
         for key, value in tags.items():
-            if key.startswith(("mlpipe.dataset.", "mlpipe.preprocessing.")):
+            if key.startswith(("mlpipe.dataset.", "mlpipe.preprocessing.", "mlpipe.plan.")):
                 client.set_model_version_tag(name, str(version), key, value)
         client.set_model_version_tag(
             name, str(version), "seg3d.val_dice", f"{result.best_val_dice:.4f}"
@@ -485,11 +513,13 @@ def _note_preprocessed(data_dir: Path, config: TrainConfig) -> None:
 def _flat_params(config: TrainConfig, n_train: int, n_val: int, data_dir: Path) -> dict:
     values = config.to_dict()
     values.pop("extra", None)
+    values["auto"] = ",".join(values["auto"]) or "none"
     values["data_dir_resolved"] = str(data_dir)
     values["train_cases"] = n_train
     values["val_cases"] = n_val
     for key in ("patch_size", "spacing", "window"):
-        values[key] = ",".join(str(v) for v in values[key])
+        if values[key] is not None:
+            values[key] = ",".join(str(v) for v in values[key])
     return {f"seg3d.{k}": v for k, v in values.items()}
 
 
@@ -616,8 +646,10 @@ class _Distributed:
 class _Progress:
     """A progress bar on a terminal; one line per epoch when the output is a pipe or a log."""
 
-    def __init__(self, epochs: int, *, enabled: bool):
+    def __init__(self, epochs: int, *, enabled: bool, budget_s: float = 0.0):
         self.epochs, self.enabled = epochs, enabled
+        by_time = budget_s > 0 and epochs >= 100_000  # the plan's "until the budget is spent"
+        self.total = f"{budget_s / 60:g} min" if by_time else str(epochs)
         self.tty = sys.stderr.isatty()
 
     def step(self, epoch: int, done: int, total: int) -> None:
@@ -625,7 +657,7 @@ class _Progress:
             return
         filled = int(20 * done / max(total, 1))
         bar = "#" * filled + "." * (20 - filled)
-        sys.stderr.write(f"\repoch {epoch + 1}/{self.epochs} [{bar}] {done}/{total}")
+        sys.stderr.write(f"\repoch {epoch + 1}/{self.total} [{bar}] {done}/{total}")
         sys.stderr.flush()
 
     def epoch_done(self, epoch: int, row: dict) -> None:
@@ -633,7 +665,7 @@ class _Progress:
             return
         if self.tty:
             sys.stderr.write("\r\033[K")
-        parts = [f"epoch {epoch + 1}/{self.epochs}", f"train_loss={row['train_loss']:.4f}"]
+        parts = [f"epoch {epoch + 1}/{self.total}", f"train_loss={row['train_loss']:.4f}"]
         if "val_dice" in row:
             parts.append(f"val_dice={row['val_dice']:.4f}")
         parts += [f"{row['epoch_seconds']:.1f}s", f"{row['samples_per_s']:.1f} samples/s"]

@@ -51,13 +51,18 @@ def base_transforms(
         return chain
     if config.modality == "ct":
         low, high = config.window
+        if config.norm_std > 0:  # the plan: clip to foreground percentiles, z-score (one map)
+            b_min = (low - config.norm_mean) / config.norm_std
+            b_max = (high - config.norm_mean) / config.norm_std
+        else:  # an explicit window: to 0..1
+            b_min, b_max = 0.0, 1.0
         chain.append(
             ScaleIntensityRanged(
-                keys="image", a_min=low, a_max=high, b_min=0.0, b_max=1.0, clip=True
+                keys="image", a_min=low, a_max=high, b_min=b_min, b_max=b_max, clip=True
             )
         )
     else:
-        chain.append(NormalizeIntensityd(keys="image", nonzero=True, channel_wise=True))
+        chain.append(NormalizeIntensityd(keys="image", nonzero=config.nonzero, channel_wise=True))
     return chain
 
 
@@ -71,9 +76,7 @@ def train_transforms(config: TrainConfig, device: str = "cpu") -> Compose:
     from monai.transforms import (
         Compose,
         EnsureTyped,
-        RandCropByPosNegLabeld,
         RandFlipd,
-        RandRotate90d,
         RandScaleIntensityd,
         RandShiftIntensityd,
         SpatialPadd,
@@ -84,24 +87,52 @@ def train_transforms(config: TrainConfig, device: str = "cpu") -> Compose:
     chain += [
         SpatialPadd(keys=keys, spatial_size=config.patch_size),
         EnsureTyped(keys=keys, device=device, track_meta=False),
-        RandCropByPosNegLabeld(
-            keys=keys,
-            label_key="label",
-            spatial_size=config.patch_size,
-            pos=1,
-            neg=1,
-            num_samples=config.num_samples,
-            image_key="image",
-            image_threshold=0,
-        ),
+        _crop(config, keys),
         RandFlipd(keys=keys, prob=0.5, spatial_axis=0),
         RandFlipd(keys=keys, prob=0.5, spatial_axis=1),
         RandFlipd(keys=keys, prob=0.5, spatial_axis=2),
-        RandRotate90d(keys=keys, prob=0.5, max_k=3),
+        *_rotations(config, keys),
         RandScaleIntensityd(keys="image", factors=0.1, prob=0.5),
         RandShiftIntensityd(keys="image", offsets=0.1, prob=0.5),
     ]
     return Compose(chain)
+
+
+def _rotations(config: TrainConfig, keys: list[str]) -> list:
+    """Quarter turns in the first plane whose two sides are equal (a turn must keep the shape)."""
+    from monai.transforms import RandRotate90d
+
+    p = config.patch_size
+    for axes in ((0, 1), (1, 2), (0, 2)):
+        if p[axes[0]] == p[axes[1]]:
+            return [RandRotate90d(keys=keys, prob=0.5, max_k=3, spatial_axes=axes)]
+    return []
+
+
+def _crop(config: TrainConfig, keys: list[str]):
+    """Class-balanced patches (the plan's ratios), else positive/negative around the label."""
+    from monai.transforms import RandCropByLabelClassesd, RandCropByPosNegLabeld
+
+    if config.class_ratios:
+        return RandCropByLabelClassesd(
+            keys=keys,
+            label_key="label",
+            spatial_size=config.patch_size,
+            ratios=list(config.class_ratios),
+            num_classes=config.num_classes,
+            num_samples=config.num_samples,
+            warn=False,  # a class absent from one volume is normal; its share goes elsewhere
+        )
+    return RandCropByPosNegLabeld(
+        keys=keys,
+        label_key="label",
+        spatial_size=config.patch_size,
+        pos=1,
+        neg=1,
+        num_samples=config.num_samples,
+        image_key="image",
+        image_threshold=0,
+    )
 
 
 def val_transforms(config: TrainConfig, device: str = "cpu") -> Compose:
