@@ -55,6 +55,16 @@ class Segmentation:
     name: str
 
 
+@dataclass(frozen=True)
+class CheckedVolume:
+    """A volume that passed the checks: its header and profile, ready for the model."""
+
+    path: Path
+    name: str
+    header: Any
+    profile: dict
+
+
 @dataclass
 class Segmenter:
     """Checks an uploaded volume, segments it with the loaded pyfunc, records its profile.
@@ -113,6 +123,29 @@ class Segmenter:
             raise InputRejected(400, f"{name} is empty (0 bytes); upload a .nii or .nii.gz file.")
         path = raw.with_name("input" + sniff_nifti(raw, name))
         raw.rename(path)
+        return self.segment_path(path, name, request_id)
+
+    def segment_path(self, path: Path, name: str, request_id: str) -> Segmentation:
+        """Segment a volume file where it lies (its name must end in .nii or .nii.gz).
+
+        The path every input takes: an upload once it is on disk, or a file of a batch.
+        The header checks run before the wait for a slot; profiling and inference inside.
+        """
+        header = self.read_header(path, name)
+        self._admit()
+        try:
+            with self._slots:
+                return self.predict(self.check(path, name, request_id, header=header), request_id)
+        finally:
+            with self._in_flight_lock:
+                self._in_flight -= 1
+
+    def read_header(self, path: Path, name: str) -> Any:
+        """The volume's header, refused (422) unless it is one 3D volume; voxels stay on disk.
+
+        Raises:
+            InputRejected: 400 for an unreadable header, 422 for a 4D or 2D volume.
+        """
         header = read_upload_header(path, name)
         if header.ndim != 3:
             raise InputRejected(
@@ -122,27 +155,21 @@ class Segmenter:
                 "on its own"
                 + (" (drop the trailing axis of size 1)." if header.shape[3:] == (1,) else "."),
             )
-        self._admit()
-        try:
-            with self._slots:
-                return self._profile_and_predict(path, header, name, request_id)
-        finally:
-            with self._in_flight_lock:
-                self._in_flight -= 1
+        return header
 
-    def _admit(self) -> None:
-        """Count the request in, or refuse it when ``max_queue`` already wait."""
-        with self._in_flight_lock:
-            if self._in_flight >= self.concurrency + self.max_queue:
-                raise ServerBusy(
-                    f"The server is busy ({self._in_flight} requests in progress or waiting); "
-                    "retry in a few seconds."
-                )
-            self._in_flight += 1
+    def check(
+        self, path: Path, name: str, request_id: str, *, header: Any | None = None
+    ) -> CheckedVolume:
+        """Profile the volume (reads its voxels) and check its geometry against training.
 
-    def _profile_and_predict(
-        self, path: Path, header: Any, name: str, request_id: str
-    ) -> Segmentation:
+        Separate from :meth:`predict` so a batch can check the next volume while the model
+        segments the current one. A refused volume's profile is recorded as ``refused``.
+
+        Raises:
+            InputRejected: 400 for voxel data that does not read, 422 for a spacing or shape
+                far outside the training data.
+        """
+        header = header if header is not None else self.read_header(path, name)
         try:
             entry = profile_volume(path)
         except DatasetError as exc:
@@ -160,9 +187,23 @@ class Segmenter:
                 f"{name}: {'; '.join(problems)}. The model was not trained on volumes like "
                 "this; resample the volume to a spacing and size near the training data.",
             )
-        out = self._predict(path, name)
-        self._record(entry, request_id, "served")
+        return CheckedVolume(path=path, name=name, header=header, profile=entry)
+
+    def predict(self, checked: CheckedVolume, request_id: str) -> Segmentation:
+        """Segment a checked volume with the loaded pyfunc and record its profile as served."""
+        out = self._predict(checked.path, checked.name)
+        self._record(dict(checked.profile), request_id, "served")
         return out
+
+    def _admit(self) -> None:
+        """Count the request in, or refuse it when ``max_queue`` already wait."""
+        with self._in_flight_lock:
+            if self._in_flight >= self.concurrency + self.max_queue:
+                raise ServerBusy(
+                    f"The server is busy ({self._in_flight} requests in progress or waiting); "
+                    "retry in a few seconds."
+                )
+            self._in_flight += 1
 
     def _predict(self, path: Path, name: str) -> Segmentation:
         import base64
