@@ -19,10 +19,18 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from mlpipe.core.errors import InterruptedRunError, UsageError
 from mlpipe.inference.geometry import DEFAULT_RANGE_FACTOR
 from mlpipe.predict.batch import FAILED, SKIPPED, WRITTEN, CaseRow
+
+if TYPE_CHECKING:
+    from mlpipe.core.tracking import Tracking
+    from mlpipe.inference.geometry import GeometryLimits
+    from mlpipe.inference.models import ModelSource
+    from mlpipe.predict.inputs import Case, CaseList, Shard
+    from mlpipe.predict.outputs import MaskWriter, OutputStore
 
 Echo = Callable[[str], None]
 
@@ -145,6 +153,22 @@ def run_batch(request: PredictRequest, *, echo: Echo | None = None) -> BatchResu
         if request.workers == 1:
             model = load_local(local, source)
             device = place_model(model, request.device)
+        batch = _Batch(
+            request=request,
+            tracking=tracking,
+            source=source,
+            listed=listed,
+            mine=mine,
+            skip=skip,
+            store=store,
+            writers=writers,
+            limits=limits,
+            model=model,
+            model_dir=str(local),
+            batch_id=batch_id,
+            shard=shard,
+            device=device,
+        )
         echo(
             f"Batch {batch_id}, shard {shard}: {len(mine)} of {len(listed.cases)} case(s); "
             f"{len(skip)} already written under {store.uri}"
@@ -152,44 +176,32 @@ def run_batch(request: PredictRequest, *, echo: Echo | None = None) -> BatchResu
             + f"; {source.label} on {device}"
             + (f", {request.workers} workers" if request.workers > 1 else "")
         )
-        return _run_recorded(
-            request,
-            tracking,
-            source,
-            listed,
-            mine,
-            skip,
-            store,
-            writers,
-            limits,
-            model,
-            local,
-            batch_id,
-            shard,
-            device,
-            removed,
-            echo,
-        )
+        result = _run_recorded(batch, echo)
+        result.removed_partials = removed
+        return result
 
 
-def _run_recorded(
-    request,
-    tracking,
-    source,
-    listed,
-    mine,
-    skip,
-    store,
-    writers,
-    limits,
-    model,
-    local,
-    batch_id,
-    shard,
-    device,
-    removed,
-    echo,
-) -> BatchResult:
+@dataclass(frozen=True)
+class _Batch:
+    """Everything checked and loaded before the run exists: what the recorded part needs."""
+
+    request: PredictRequest
+    tracking: Tracking
+    source: ModelSource
+    listed: CaseList
+    mine: tuple[Case, ...]
+    skip: set[str]
+    store: OutputStore
+    writers: list[MaskWriter]
+    limits: GeometryLimits | None
+    model: Any  # the loaded pyfunc; None with --workers > 1 (each worker loads its own)
+    model_dir: str
+    batch_id: str
+    shard: Shard
+    device: str
+
+
+def _run_recorded(batch: _Batch, echo: Echo) -> BatchResult:
     """Create the run, run the loop (in this process or in workers), record, end the run."""
     from mlpipe.inference.segmenter import Segmenter
     from mlpipe.predict.batch import process_cases
@@ -204,12 +216,14 @@ def _run_recorded(
     )
     from mlpipe.predict.workers import WorkerSpec, run_in_workers, threads_per_worker
 
+    request, tracking, source, listed = batch.request, batch.tracking, batch.source, batch.listed
+    mine, skip, store, writers = batch.mine, batch.skip, batch.store, batch.writers
     plan = RunPlan(
-        batch_id=batch_id,
-        shard=shard,
+        batch_id=batch.batch_id,
+        shard=batch.shard,
         out=store.uri,
         inputs=listed.source,
-        device=device,
+        device=batch.device,
         workers=request.workers,
         overwrite=request.overwrite,
         labels=request.labels is not None,
@@ -228,14 +242,14 @@ def _run_recorded(
 
     try:
         with _sigterm_interrupts():
-            if model is not None:
-                segmenter = Segmenter(model=model, source=source, limits=limits)
+            if batch.model is not None:
+                segmenter = Segmenter(model=batch.model, source=source, limits=batch.limits)
                 process_cases(segmenter, mine, store, writers, skip=skip, on_row=on_row)
             else:
                 spec = WorkerSpec(
-                    model_dir=str(local),
+                    model_dir=batch.model_dir,
                     source=source,
-                    limits=limits,
+                    limits=batch.limits,
                     device=request.device,
                     store=dict(store_spec(store)),
                     formats=plan.formats,
@@ -264,8 +278,8 @@ def _run_recorded(
             tracking.finish(run_id, status, echo=echo)
     tags = drift_tags(drift)
     return BatchResult(
-        batch_id=batch_id,
-        shard=str(shard),
+        batch_id=batch.batch_id,
+        shard=str(batch.shard),
         rows=rows,
         metrics=metrics,
         run_id=run_id,
@@ -275,7 +289,6 @@ def _run_recorded(
         link=tracking.ui_link(experiment_id, run_id),
         drift_verdict=tags["mlpipe.drift.verdict"],
         drifted=list(drift.drifted) if drift else [],
-        removed_partials=removed,
     )
 
 
