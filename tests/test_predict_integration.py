@@ -118,6 +118,32 @@ def test_a_killed_batch_leaves_no_partial_mask_and_the_rerun_writes_only_the_res
     assert resumed.info.run_id in killed.data.tags["mlpipe.failure"]
 
 
+def test_sigterm_marks_the_run_killed_and_exits_143(logged, tmp_path):
+    make_inputs(tmp_path / "in", 10)
+    out = tmp_path / "out"
+    process = subprocess.Popen(
+        command(logged, URI, str(tmp_path / "in"), "--out", str(out), "--batch-id", "termed"),
+        cwd=tmp_path,
+        env=child_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 240
+    while not list(out.glob("*.nii.gz")):
+        assert process.poll() is None and time.monotonic() < deadline
+        time.sleep(0.02)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+
+    assert process.returncode == 143, stderr[-2000:]
+    assert "Traceback" not in stderr
+    _, runs = runs_of(logged)
+    assert runs[0].data.tags["mlpipe.predict.batch_id"] == "termed"
+    assert runs[0].info.status == "KILLED"
+    assert 1 <= runs[0].data.metrics["written"] < 10  # what was done before the signal
+
+
 def test_two_shards_as_two_processes_cover_every_case_once_and_summary_reports_both(
     logged, tmp_path
 ):

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from mlpipe.core.errors import DatasetError
+from mlpipe.core.errors import DatasetError, InterruptedRunError
 from mlpipe.inference.inputs import InputRejected
 
 if TYPE_CHECKING:
@@ -89,6 +89,7 @@ def process_cases(
     skip: Iterable[str] = (),
     on_row: Callable[[CaseRow], None],
     hash_skipped: bool = True,
+    stop: threading.Event | None = None,
 ) -> None:
     """Segment ``cases`` in order; ``on_row`` gets each case's row as it ends.
 
@@ -99,19 +100,23 @@ def process_cases(
         skip: case names whose outputs already exist (resume): hashed, not segmented.
         on_row: called in this thread for every case, in order.
         hash_skipped: hash skipped cases too, so the run's dataset digest covers the batch.
+        stop: set by a SIGTERM handler: the case in progress finishes, then the loop ends.
+
+    Raises:
+        InterruptedRunError: ``stop`` was set (exit 143; the run is marked KILLED).
     """
     skip = set(skip)
     ready: queue.Queue[_Prepared | None] = queue.Queue(maxsize=PREFETCH)
-    stop = threading.Event()
+    ended = threading.Event()  # the loop no longer listens: the reader stops
     failure: list[BaseException] = []
 
     def read() -> None:
         try:
             for case in cases:
-                if stop.is_set():
+                if ended.is_set():
                     return
                 item = _prepare(segmenter, case, skipped=case.name in skip, hash_it=hash_skipped)
-                while not stop.is_set():
+                while not ended.is_set():
                     try:
                         ready.put(item, timeout=0.2)
                         break
@@ -119,7 +124,7 @@ def process_cases(
                         continue
         except BaseException as exc:  # a bug in the reader: hand it to the loop
             failure.append(exc)
-        _put_end(ready, stop)
+        _put_end(ready, ended)
 
     reader = threading.Thread(target=read, name="mlpipe-predict-reader", daemon=True)
     reader.start()
@@ -128,19 +133,31 @@ def process_cases(
             item = ready.get()
             if item is None:
                 break
+            raise_if_stopped(stop)
             if item.checked is not None:
                 _segment(segmenter, item, store, writers)
             on_row(item.row)
         if failure:
             raise failure[0]
     finally:
-        stop.set()
+        ended.set()
         reader.join(timeout=5)
 
 
-def _put_end(ready: queue.Queue, stop: threading.Event) -> None:
+def raise_if_stopped(stop: threading.Event | None) -> None:
+    """Raise once SIGTERM asked the batch to stop: between cases, never inside one (a signal
+    raised inside the model's reading code would pass for a bad input file)."""
+    if stop is not None and stop.is_set():
+        raise InterruptedRunError(
+            "Terminated (SIGTERM) after the case in progress; run the same command again to "
+            "finish the batch.",
+            signum=15,
+        )
+
+
+def _put_end(ready: queue.Queue, ended: threading.Event) -> None:
     """Tell the loop the reader is done (unless the loop already stopped listening)."""
-    while not stop.is_set():
+    while not ended.is_set():
         try:
             ready.put(None, timeout=0.2)
             return

@@ -240,11 +240,12 @@ def _run_recorded(batch: _Batch, echo: Echo) -> BatchResult:
         rows.append(row)
         progress(row)
 
+    stop = threading.Event()
     try:
-        with _sigterm_interrupts():
+        with _sigterm_sets(stop):
             if batch.model is not None:
                 segmenter = Segmenter(model=batch.model, source=source, limits=batch.limits)
-                process_cases(segmenter, mine, store, writers, skip=skip, on_row=on_row)
+                process_cases(segmenter, mine, store, writers, skip=skip, on_row=on_row, stop=stop)
             else:
                 spec = WorkerSpec(
                     model_dir=batch.model_dir,
@@ -255,7 +256,7 @@ def _run_recorded(batch: _Batch, echo: Echo) -> BatchResult:
                     formats=plan.formats,
                     threads=threads_per_worker(request.workers),
                 )
-                run_in_workers(spec, mine, skip, request.workers, on_row)
+                run_in_workers(spec, mine, skip, request.workers, on_row, stop)
         status = "FINISHED"
     except (KeyboardInterrupt, InterruptedRunError):
         status = "KILLED"
@@ -323,14 +324,16 @@ def _clock(seconds: float) -> str:
 
 
 @contextlib.contextmanager
-def _sigterm_interrupts() -> Iterator[None]:
-    """SIGTERM (Kubernetes stopping a pod, ``kill``) ends the batch as Ctrl-C does: KILLED."""
+def _sigterm_sets(stop: threading.Event) -> Iterator[None]:
+    """SIGTERM (Kubernetes stopping a pod, ``kill``) sets ``stop``: the batch ends after the
+    case in progress, its run KILLED, exit 143. Raising from the handler instead would land
+    inside whatever library code runs, which may take it for a bad input file."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
-    def handler(signum: int, _frame: object) -> None:
-        raise InterruptedRunError("Terminated (SIGTERM); the batch stopped.", signum=signum)
+    def handler(_signum: int, _frame: object) -> None:
+        stop.set()
 
     previous = signal.signal(signal.SIGTERM, handler)
     try:

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import os
 import queue
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from mlpipe.predict.batch import FAILED, CaseRow
+from mlpipe.predict.batch import FAILED, CaseRow, raise_if_stopped
 
 if TYPE_CHECKING:
     from mlpipe.inference.geometry import GeometryLimits
@@ -44,11 +45,12 @@ def run_in_workers(
     skip: set[str],
     workers: int,
     on_row: Callable[[CaseRow], None],
+    stop: threading.Event | None = None,
 ) -> None:
     """Run the cases in ``workers`` processes; ``on_row`` is called here for every case.
 
     Raises:
-        KeyboardInterrupt: passed on after the workers are stopped.
+        KeyboardInterrupt, InterruptedRunError: passed on after the workers are stopped.
     """
     import multiprocessing
 
@@ -70,6 +72,7 @@ def run_in_workers(
     pending = {w for w in range(workers) if parts[w]}
     try:
         while pending:
+            raise_if_stopped(stop)
             try:
                 kind, w, payload = results.get(timeout=_POLL_S)
             except queue.Empty:
