@@ -64,6 +64,11 @@ def main() -> None:
         write_volumes(inputs, shape, args.count)
         model_dir = download(uri, root / "downloaded")
 
+        # warm-up (not counted): the first inferences in a process are slower (allocator,
+        # oneDNN kernels), whichever side runs first
+        warm = root / "warm"
+        write_volumes(warm, shape, 2)
+        plain_loop(model_dir, warm, root / "warm-out")
         loop, local = [], []
         for round_ in range(args.repeats):
             loop.append(plain_loop(model_dir, inputs, root / f"loop{round_}"))
