@@ -18,7 +18,6 @@ import threading
 import time
 from datetime import datetime
 from pathlib import Path
-from types import SimpleNamespace
 
 import mlflow
 import nibabel as nib
@@ -39,7 +38,7 @@ from mlpipe.inference.segmenter import Segmenter
 from mlpipe.registry.promotion import connect
 from mlpipe.serve.app import create_app
 from mlpipe.serve.service import ServeOptions, prepare, token_from_env
-from tests.conftest import free_port, isolated_env, write_nifti_dataset
+from tests.conftest import free_port, isolated_env, log_served_model
 
 MODEL = "seg3d-serve"
 TRAIN_SHAPE = (32, 32, 24)
@@ -53,41 +52,6 @@ LPS_AFFINE = np.array(
     ]
 )
 TOKEN = "s3cret-token-value-1234"
-
-
-def log_served_model(root: Path, model: str = MODEL) -> SimpleNamespace:
-    """Log, register and alias an untrained seg3d UNet like a training run would.
-
-    The run logs the dataset, the preprocessing and a data profile (so the server has tags
-    and a training geometry), then the model with ``registered_model_name``; no training.
-    Returns the tracking URI, the run id and the dataset info.
-    """
-    import mlpipe.log as mlog
-    from seg3d.config import TrainConfig
-    from seg3d.networks import build_network
-    from seg3d.pyfunc import log_model
-    from seg3d.transforms import infer_transforms
-
-    data = write_nifti_dataset(root / "data", cases=3, shape=TRAIN_SHAPE, name="toy-ct")
-    config = TrainConfig(model="unet", patch_size=(32, 32, 32), num_classes=3)
-    torch.manual_seed(0)
-    network = build_network(config).eval()
-    uri = f"sqlite:///{root / 'mlruns.db'}"
-    mlflow.set_tracking_uri(uri)
-    try:
-        experiment = mlflow.create_experiment("seg3d", artifact_location=str(root / "artifacts"))
-        with mlflow.start_run(experiment_id=experiment) as run:
-            info = mlog.dataset(data)
-            mlog.preprocessing(infer_transforms(config), name="train")
-            mlog.data_profile(info)
-            example = data / "imagesTr" / "case_0.nii.gz"
-            log_model(network, config, registered_model_name=model, example_path=example)
-        MlflowClient(uri).set_registered_model_alias(model, "production", "1")
-    finally:
-        while mlflow.active_run():
-            mlflow.end_run()
-        mlflow.set_tracking_uri(None)
-    return SimpleNamespace(uri=uri, run_id=run.info.run_id, dataset=info, root=root)
 
 
 def write_volume(

@@ -4,7 +4,7 @@ calling one use case and printing the result (``group.py`` has the error handlin
 from __future__ import annotations
 
 # Importing the command modules registers their commands on the group.
-from mlpipe.cli import monitor, registry, run, serve, server, sweep  # noqa: F401
+from mlpipe.cli import monitor, predict, registry, run, serve, server, sweep  # noqa: F401
 from mlpipe.cli.group import cli
 
 __all__ = ["cli", "main"]

@@ -81,6 +81,12 @@ class ProjectCommandError(MlpipeError):
         self.returncode = returncode
 
 
+class CasesFailedError(MlpipeError):
+    """A batch ran, but some of its cases failed (each is listed); the others were written."""
+
+    exit_code = 1
+
+
 class GateRefusedError(MlpipeError):
     """A promotion gate refused; nothing in the registry was changed."""
 

@@ -70,6 +70,7 @@ __all__ = [
     "build_manifest",
     "default_cache_path",
     "digest_of",
+    "examine_file",
 ]
 
 
@@ -289,6 +290,21 @@ def _examine_all(
     _raise_all(sorted(problems))
     found.update(fresh)
     return found
+
+
+def examine_file(path: Path) -> _Facts:
+    """Hash one volume and check it is whole (gzip stream complete, header readable).
+
+    The check ``build_manifest`` runs on every file, for callers that take files one by one
+    (``mlpipe predict`` lists a bad file as a failed case instead of refusing the batch).
+
+    Returns:
+        ``size``, ``mtime_ns``, ``sha256`` and header ``shape``.
+
+    Raises:
+        DatasetError: empty, unreadable, changed while read, truncated, or not NIfTI.
+    """
+    return _examine(path)
 
 
 def _examine(path: Path) -> _Facts:

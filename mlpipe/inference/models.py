@@ -227,8 +227,18 @@ def load_pyfunc(source: ModelSource, tracking: Tracking, folder: Path) -> Any:
     Raises:
         UsageError: the model cannot be downloaded or loaded (the reason is named).
     """
+    return load_local(download_model(source, tracking, folder), source)
+
+
+def download_model(source: ModelSource, tracking: Tracking, folder: Path) -> str:
+    """Download the model's files into ``folder``; returns the local model folder.
+
+    Split from loading so that several worker processes of one batch load the one copy.
+
+    Raises:
+        UsageError, NotFoundError, TrackingUnavailableError: the download failed.
+    """
     import mlflow.artifacts
-    import mlflow.pyfunc
 
     from mlpipe.core.tracking import translate_errors
 
@@ -237,20 +247,74 @@ def load_pyfunc(source: ModelSource, tracking: Tracking, folder: Path) -> Any:
         # URIs, whatever download_artifacts is told, so the storage location is looked up
         # here with this server's own client.
         artifact_uri = _storage_location(tracking, source)
-        local = mlflow.artifacts.download_artifacts(
+        return mlflow.artifacts.download_artifacts(
             artifact_uri=artifact_uri,
             dst_path=str(folder),
             tracking_uri=tracking.uri,
             registry_uri=tracking.settings.registry_uri.value,
         )
+
+
+def load_local(local: str | Path, source: ModelSource) -> Any:
+    """Load a downloaded model folder as a pyfunc.
+
+    Raises:
+        UsageError: it does not load (the reason is named).
+    """
+    import mlflow.pyfunc
+
     try:
-        return mlflow.pyfunc.load_model(local)
+        return mlflow.pyfunc.load_model(str(local))
     except Exception as exc:
         raise UsageError(
             f"model {source.uri}: it was downloaded but does not load as a pyfunc "
             f"({type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc) else ''}). "
             "Check that it is a seg3d model and that torch, monai and nibabel are installed."
         ) from exc
+
+
+def check_device(device: str | None) -> None:
+    """Refuse a ``--device`` this machine does not have, before anything is loaded.
+
+    Raises:
+        UsageError: not ``cpu``/``cuda``, or ``cuda`` without a CUDA device.
+    """
+    if device in (None, "cpu"):
+        return
+    if device != "cuda":
+        raise UsageError(f"--device {device!r}: expected cpu or cuda.")
+    import torch
+
+    if not torch.cuda.is_available():
+        raise UsageError(
+            "--device cuda: torch sees no CUDA device here (torch.cuda.is_available() is "
+            "False). Use --device cpu, or run on a machine with a GPU and a CUDA build of torch."
+        )
+
+
+def place_model(model: Any, device: str | None) -> str:
+    """Move a loaded seg3d pyfunc's network to ``device`` (``None``: where it loaded).
+
+    The seg3d pyfunc picks CUDA when it sees one; ``--device cpu`` keeps a batch off a GPU
+    another job uses. Returns the device the model is on.
+
+    Raises:
+        UsageError: the model is not a seg3d pyfunc whose device can be set.
+    """
+    if device is None:
+        return model_device(model)
+    import torch
+
+    try:
+        inner = model.unwrap_python_model()
+        inner.network = inner.network.to(device)
+        inner.device = torch.device(device)
+    except AttributeError as exc:
+        raise UsageError(
+            f"--device {device}: this model keeps no network mlpipe can move (not a seg3d "
+            "pyfunc); leave out --device."
+        ) from exc
+    return model_device(model)
 
 
 def _storage_location(tracking: Tracking, source: ModelSource) -> str:

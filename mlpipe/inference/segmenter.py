@@ -85,6 +85,16 @@ class Segmentation:
     output: str = "nifti"
 
 
+@dataclass(frozen=True)
+class CheckedVolume:
+    """A volume that passed the checks: its header and profile, ready for the model."""
+
+    path: Path
+    name: str
+    header: Any
+    profile: dict
+
+
 @dataclass
 class Segmenter:
     """Checks an uploaded volume, segments it with the loaded pyfunc, records its profile.
@@ -158,6 +168,33 @@ class Segmenter:
             )
         path = raw.with_name("input" + kind)
         raw.rename(path)
+        return self.segment_path(path, name, request_id)
+
+    def segment_path(self, path: Path, name: str, request_id: str) -> Segmentation:
+        """Segment a NIfTI file where it lies (its name must end in .nii or .nii.gz).
+
+        The path every input takes: an upload once it is on disk, or a file of a batch
+        (``mlpipe predict``). The header checks run before the wait for a slot, so a file the
+        header already refuses is answered at once; profiling and inference run inside.
+        """
+        header = self.read_header(path, name)
+        self._check_geometry(header, name, request_id)
+        self._admit()
+        try:
+            with self._slots:
+                return self.predict(self.check(path, name, request_id, header=header), request_id)
+        finally:
+            with self._in_flight_lock:
+                self._in_flight -= 1
+
+    def read_header(self, path: Path, name: str) -> Any:
+        """The volume's header, refused unless the model can take it; voxels stay on disk.
+
+        Raises:
+            InputRejected: 413 for a declared size over ``max_volume_bytes`` (decided from the
+                first bytes, before the body is inflated), 400 for an unreadable header, 422
+                for a shape the model does not take (4D, 2D, the wrong channel count).
+        """
         declared = declared_size(path)
         if declared is not None and declared[3] > self.max_volume_bytes:
             raise InputRejected(413, self._too_many_voxels(name, declared[0], declared[1]))
@@ -178,14 +215,42 @@ class Segmenter:
                 "on its own"
                 + (" (drop the trailing axis of size 1)." if header.shape[3:] == (1,) else "."),
             )
+        return header
+
+    def check(
+        self,
+        path: Path,
+        name: str,
+        request_id: str,
+        *,
+        header: Any | None = None,
+        extra: dict | None = None,
+    ) -> CheckedVolume:
+        """Check the geometry against training, then profile the volume (reads its voxels).
+
+        Separate from :meth:`predict` so a batch can check the next volume while the model
+        segments the current one. A volume refused from its header is recorded as
+        ``refused`` with its geometry only.
+
+        Raises:
+            InputRejected: 422 for a spacing or shape far outside the training data, 400 for
+                voxel data that does not read.
+        """
+        header = header if header is not None else self.read_header(path, name)
         self._check_geometry(header, name, request_id)
-        self._admit()
         try:
-            with self._slots:
-                return self._profile_and_predict(path, header, name, request_id)
-        finally:
-            with self._in_flight_lock:
-                self._in_flight -= 1
+            entry = profile_volume(path)
+        except DatasetError as exc:
+            raise InputRejected(400, scrub_path(str(exc), path, name)) from None
+        entry["image"] = name
+        entry.update(extra or {})
+        return CheckedVolume(path=path, name=name, header=header, profile=entry)
+
+    def predict(self, checked: CheckedVolume, request_id: str) -> Segmentation:
+        """Segment a checked volume with the loaded pyfunc and record its profile as served."""
+        out = self._predict(checked.path, checked.name)
+        self._record(dict(checked.profile), request_id, "served")
+        return out
 
     def _segment_series(self, raw: Path, name: str, request_id: str, output: str) -> Segmentation:
         """A zipped DICOM series (or one slice): checked, read, segmented as NIfTI on its grid."""
@@ -206,8 +271,10 @@ class Segmenter:
                     with self._slots:
                         path = raw.with_name("series.nii")
                         nib.save(nib.Nifti1Image(load_series(series), series.affine), path)
-                        result = self._profile_and_predict(
-                            path, header, name, request_id, {"series": _series_record(series)}
+                        extra = {"series": _series_record(series)}
+                        result = self.predict(
+                            self.check(path, name, request_id, header=header, extra=extra),
+                            request_id,
                         )
                         if output != "dicom-seg":
                             return result
@@ -287,19 +354,6 @@ class Segmenter:
                     "retry in a few seconds."
                 )
             self._in_flight += 1
-
-    def _profile_and_predict(
-        self, path: Path, header: Any, name: str, request_id: str, extra: dict | None = None
-    ) -> Segmentation:
-        try:
-            entry = profile_volume(path)
-        except DatasetError as exc:
-            raise InputRejected(400, scrub_path(str(exc), path, name)) from None
-        entry["image"] = name
-        entry.update(extra or {})
-        out = self._predict(path, name)
-        self._record(entry, request_id, "served")
-        return out
 
     def _predict(self, path: Path, name: str) -> Segmentation:
         import base64

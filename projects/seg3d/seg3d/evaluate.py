@@ -5,7 +5,8 @@ load (``mlflow.pyfunc.load_model``) and fed file paths, and its masks, already m
 each input's own space, are compared with the label files as they are on disk. A bug in
 preprocessing, sliding-window inference or the inverse mapping lowers the score here.
 
-Metrics per case and foreground class ``c``:
+Metrics per case and foreground class ``c`` (computed by ``mlpipe.inference.scores``, which
+``mlpipe predict --labels`` uses too):
 
 * ``dice_<c>``: 2|P∩G| / (|P|+|G|); NaN when the class is in neither (nothing to score),
 * ``hd95_<c>``: 95th percentile symmetric Hausdorff distance in mm (MONAI); NaN when the class
@@ -21,22 +22,29 @@ dataset as a ``test`` input.
 
 from __future__ import annotations
 
-import math
 import os
 import sys
-import warnings
 from typing import TYPE_CHECKING
 
 import numpy as np
 
+from mlpipe.inference.scores import (
+    HD_PERCENTILE,
+    LabelShapeError,
+    nanmean,
+    score_against_label,
+    score_case,
+    summarize,
+)
 from seg3d.config import Seg3dInputError
 
 if TYPE_CHECKING:
     import pandas as pd
 
+__all__ = ["HD_PERCENTILE", "evaluate", "format_summary", "score_case", "summarize"]
+
 TABLE_ARTIFACT = "evaluation/per_case.json"
 CSV_ARTIFACT = "evaluation/per_case.csv"
-HD_PERCENTILE = 95
 
 
 def evaluate(
@@ -102,66 +110,13 @@ def evaluate(
     return means
 
 
-def score_case(
-    prediction: np.ndarray,
-    label: np.ndarray,
-    *,
-    spacing: tuple[float, ...],
-    num_classes: int,
-) -> dict[str, float]:
-    """Dice, HD95 (mm) and relative volume error of one case, per foreground class.
-
-    Args:
-        prediction: integer mask, same shape as ``label``.
-        label: integer ground truth.
-        spacing: voxel size in mm along each axis.
-        num_classes: classes including background (0, not scored).
-
-    Returns:
-        ``{"dice_<c>", "hd95_<c>", "volume_error_<c>"}`` for ``c`` in 1..num_classes-1, NaN where
-        a metric is undefined (see the module docstring).
-    """
-    if prediction.shape != label.shape:
-        raise ValueError(f"prediction shape {prediction.shape} != label shape {label.shape}")
-    diagonal = math.sqrt(sum((n * s) ** 2 for n, s in zip(label.shape, spacing, strict=True)))
-    scores: dict[str, float] = {}
-    for c in range(1, num_classes):
-        pred, true = prediction == c, label == c
-        n_pred, n_true = int(pred.sum()), int(true.sum())
-        both = int(np.logical_and(pred, true).sum())
-        if n_pred == 0 and n_true == 0:
-            dice = hd95 = math.nan
-        elif n_pred == 0 or n_true == 0:
-            dice, hd95 = 0.0, diagonal
-        else:
-            dice = 2.0 * both / (n_pred + n_true)
-            hd95 = _hd95(pred, true, spacing)
-        scores[f"dice_{c}"] = dice
-        scores[f"hd95_{c}"] = hd95
-        scores[f"volume_error_{c}"] = abs(n_pred - n_true) / n_true if n_true else math.nan
-    return scores
-
-
-def summarize(table: pd.DataFrame, num_classes: int) -> dict[str, float]:
-    """The logged means: over all cases and classes, and Dice per class; NaN skipped."""
-    classes = range(1, num_classes)
-    means = {
-        "mean_dice": _nanmean(table[[f"dice_{c}" for c in classes]]),
-        "mean_hd95": _nanmean(table[[f"hd95_{c}" for c in classes]]),
-        "mean_volume_error": _nanmean(table[[f"volume_error_{c}" for c in classes]]),
-    }
-    for c in classes:
-        means[f"mean_dice_{c}"] = _nanmean(table[[f"dice_{c}"]])
-    return means
-
-
 def format_summary(table: pd.DataFrame, means: dict[str, float], num_classes: int) -> str:
     """A few lines for the terminal: per-class means, then the overall ones."""
     lines = [f"{len(table)} test cases", f"{'class':>7} {'dice':>7} {'hd95_mm':>8} {'vol_err':>8}"]
     for c in range(1, num_classes):
-        dice = _nanmean(table[[f"dice_{c}"]])
-        hd95 = _nanmean(table[[f"hd95_{c}"]])
-        error = _nanmean(table[[f"volume_error_{c}"]])
+        dice = nanmean(table[[f"dice_{c}"]])
+        hd95 = nanmean(table[[f"hd95_{c}"]])
+        error = nanmean(table[[f"volume_error_{c}"]])
         lines.append(f"{c:>7} {dice:7.3f} {hd95:8.2f} {error:8.3f}")
     lines.append(
         f"{'mean':>7} {means['mean_dice']:7.3f} {means['mean_hd95']:8.2f} "
@@ -201,45 +156,14 @@ def _load_model(model_uri: str, num_classes: int | None):
 
 
 def _score_pair(model, pair, num_classes: int) -> dict:
-    import nibabel as nib
     import pandas as pd
 
     from seg3d.pyfunc import decode_nifti
 
     out = model.predict(pd.DataFrame({"path": [str(pair.image)]}))
     prediction = np.asarray(decode_nifti(out.loc[0, "mask"]).dataobj)
-    label_image = nib.load(str(pair.label))
-    label = np.rint(np.asarray(label_image.dataobj)).astype(np.int64)
-    if label.shape != prediction.shape:
-        raise Seg3dInputError(
-            f"{pair.label}: label shape {label.shape} differs from its image's "
-            f"{prediction.shape}; a label must share its image's voxel grid"
-        )
-    spacing = tuple(float(s) for s in label_image.header.get_zooms()[:3])
-    scores = score_case(prediction, label, spacing=spacing, num_classes=num_classes)
+    try:
+        scores = score_against_label(prediction, pair.label, num_classes=num_classes)
+    except LabelShapeError as exc:
+        raise Seg3dInputError(str(exc)) from None
     return {"case": pair.case, **scores}
-
-
-def _hd95(pred: np.ndarray, true: np.ndarray, spacing: tuple[float, ...]) -> float:
-    import torch
-    from monai.metrics import compute_hausdorff_distance
-
-    with warnings.catch_warnings():
-        # MONAI 1.6 calls its own deprecated get_mask_edges argument once per call.
-        warnings.filterwarnings("ignore", "monai.metrics.utils get_mask_edges", FutureWarning)
-        distance = compute_hausdorff_distance(
-            torch.from_numpy(pred[None, None]),  # batch and channel axes first
-            torch.from_numpy(true[None, None]),
-            include_background=True,
-            percentile=HD_PERCENTILE,
-            spacing=list(spacing),
-        )
-    return float(distance.item())
-
-
-def _nanmean(frame: pd.DataFrame) -> float:
-    """Mean of the non-NaN values; NaN (without numpy's warning) when there is none."""
-    values = frame.to_numpy(dtype=float).ravel()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        return float(np.nanmean(values)) if values.size else math.nan
