@@ -95,6 +95,14 @@ BAD_INPUTS: dict[str, list[list[str]]] = {
         ["sweep", "--join", "nope", "--storage", PG_USERINFO],
         ["sweep", "{good}", "--space", "alpha=uniform(0,1)", "--storage", PG_QUERY],
     ],
+    "predict": [
+        ["predict", "models:/m/1", "{missing}", "--out", "{nonempty}"],
+        ["predict", "models:/m/1", "{nonempty}", "--out", "{nonempty}", "--shard", "3/2"],
+        ["predict", "models:/m/1", "{nonempty}", "--out", "{nonempty}", "--workers", "0"],
+        ["predict", "seg3d", "{nonempty}", "--out", "{nonempty}"],
+        ["predict", "models:/m/1", "{nonempty}", "--out", "{nonempty}", "--tracking-uri", DEAD],
+        ["predict", "--summary", "b1", "--tracking-uri", DEAD],
+    ],
     "serve": [
         ["serve", "models:/m/1", "--tracking-uri", DEAD],
     ],
