@@ -12,6 +12,7 @@ import csv
 import gzip
 import io
 import json
+import os
 from pathlib import Path
 
 import nibabel as nib
@@ -257,3 +258,82 @@ def test_local_store_writes_whole_files_and_cleans_leftovers(tmp_path):
     store.put("sub/x.nii.gz", gzip.compress(b"data"))
     assert store.existing() == {"sub/x.nii.gz"}
     assert gzip.decompress((tmp_path / "out" / "sub" / "x.nii.gz").read_bytes()) == b"data"
+
+
+# --- DICOM series in, DICOM SEG out (issue 19) ---------------------------------------------------
+
+
+def test_series_inputs_get_a_nifti_mask_and_a_seg_over_their_slices(logged, tmp_path):
+    """A folder of DICOM series (one a folder, one a zip) with --format both: a NIfTI mask on
+    each series' grid equal to the NIfTI input's mask, and a SEG that reads back onto the
+    source slices; neither the SEG nor a patient attribute reaches the tracking store."""
+    import highdicom as hd
+    import pydicom
+
+    from tests.dicom_factory import PLANTED, ct_volume, write_series, zip_folder
+
+    scans = tmp_path / "scans"
+    data, affine = ct_volume((32, 32, 24)), np.diag([1.5, 1.5, 3.0, 1.0])
+    write_series(data, affine, scans / "ct_a", identifiers=PLANTED, shuffle=True, rename=True)
+    zipped = tmp_path / "export"
+    write_series(data, affine, zipped, identifiers=PLANTED)
+    zip_folder(zipped, scans / "ct_b.zip")
+    nifti = volume(tmp_path / "same" / "ct_n.nii.gz", (32, 32, 24), affine)
+    nib.save(nib.Nifti1Image(data, affine), nifti)
+
+    out = tmp_path / "out"
+    result = invoke(logged, URI, str(scans), "--out", str(out), "--format", "both")
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in out.iterdir()) == [
+        "ct_a.nii.gz", "ct_a_seg.dcm", "ct_b.nii.gz", "ct_b_seg.dcm",
+    ]  # fmt: skip
+    reference = invoke(logged, URI, str(nifti), "--out", str(tmp_path / "ref"))
+    assert reference.exit_code == 0, reference.output
+    expected = nib.load(tmp_path / "ref" / "ct_n.nii.gz")
+    for case in ("ct_a", "ct_b"):
+        mask = nib.load(out / f"{case}.nii.gz")
+        np.testing.assert_allclose(mask.affine, expected.affine, atol=1e-5)
+        np.testing.assert_array_equal(np.asarray(mask.dataobj), np.asarray(expected.dataobj))
+
+    seg = hd.seg.Segmentation.from_dataset(pydicom.dcmread(out / "ct_a_seg.dcm"))
+    sources = sorted(
+        (pydicom.dcmread(p) for p in (scans / "ct_a").iterdir()),
+        key=lambda ds: float(ds.ImagePositionPatient[2]),
+    )
+    assert seg.StudyInstanceUID == sources[0].StudyInstanceUID
+    referenced = {
+        item.ReferencedSOPInstanceUID
+        for series in seg.ReferencedSeriesSequence
+        for item in series.ReferencedInstanceSequence
+    }
+    assert referenced == {ds.SOPInstanceUID for ds in sources}
+    mask = np.asarray(nib.load(out / "ct_a.nii.gz").dataobj)
+    present = sorted(int(c) for c in np.unique(mask) if c)
+    assert [int(s.SegmentNumber) for s in seg.SegmentSequence] == list(range(1, len(present) + 1))
+
+    # the inference run holds no patient attribute and no SEG
+    client, runs = runs_of(logged)
+    run = runs[1]  # the series batch (the NIfTI reference ran after it)
+    assert run.data.params["formats"] == "nifti,dicom-seg"
+    assert run.data.tags["mlpipe.predict.formats"] == "nifti,dicom-seg"
+    stored = json.dumps([run.data.params, run.data.tags, run.data.metrics])
+    for root, _, files in os.walk(
+        client.download_artifacts(run.info.run_id, "", str(tmp_path / "artifacts"))
+    ):
+        for name in files:
+            assert not name.endswith(".dcm"), name
+            stored += Path(root, name).read_bytes().decode("utf-8", "replace")
+    for value in PLANTED.values():
+        assert value not in stored, value
+
+
+def test_dicom_seg_format_refuses_nifti_inputs_before_any_run(logged, tmp_path):
+    nifti = volume(tmp_path / "scans" / "ct_n.nii.gz", (32, 32, 24), RAS)
+    before = len(runs_of(logged)[1])
+    result = invoke(logged, URI, str(nifti.parent), "--out", str(tmp_path / "o"), "--format",
+                    "dicom-seg")  # fmt: skip
+    assert result.exit_code == 2, result.output
+    assert "--format dicom-seg needs DICOM series inputs" in result.output
+    assert "ct_n" in result.output
+    assert len(runs_of(logged)[1]) == before
+    assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())

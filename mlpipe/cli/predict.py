@@ -35,6 +35,15 @@ _LISTED = 20
     help="Fail cases whose spacing or shape is this many times outside the training range "
     "(0: no check).",
 )
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["nifti", "dicom-seg", "both"]),
+    default="nifti",
+    show_default=True,
+    help="Masks as <case>.nii.gz, as a DICOM SEG <case>_seg.dcm over the source series "
+    "(DICOM inputs only), or both.",
+)
 @click.option("--summary", "summary_id", metavar="BATCH_ID", help="Report a batch's shards.")
 @click.option("--tracking-uri", help=TRACKING_URI_HELP)
 def predict(
@@ -48,6 +57,7 @@ def predict(
     overwrite: bool,
     batch_id: str | None,
     range_factor: float,
+    fmt: str,
     summary_id: str | None,
     tracking_uri: str | None,
 ) -> None:
@@ -55,17 +65,19 @@ def predict(
 
     MODEL_URI is models:/NAME@ALIAS (resolved once, the run records the version),
     models:/NAME/VERSION or runs:/RUN_ID/PATH. INPUT is NIfTI files, folders, a Decathlon
-    folder (its imagesTs/) or a CSV/JSON manifest. Each case's mask is written as
-    <case>.nii.gz in the input's geometry; a case whose mask exists is skipped, so rerunning
-    the command after a crash finishes the rest. A bad case is listed and the others go on
-    (exit 1 when any failed). The run, in the experiment <model>-inference, holds
-    predictions.csv, timings, the inputs' digest and a drift summary.
+    folder (its imagesTs/) or a CSV/JSON manifest; a DICOM series (a folder of one series, or
+    a .zip) is a case too. Each case's mask is written as <case>.nii.gz in the input's
+    geometry (--format dicom-seg: <case>_seg.dcm over the source series); a case whose
+    mask exists is skipped, so rerunning the command after a crash finishes the rest. A bad
+    case is listed and the others go on (exit 1 when any failed). The run, in the experiment
+    <model>-inference, holds predictions.csv, timings, the inputs' digest and a drift summary.
 
     \b
     Examples:
       mlpipe predict models:/seg3d@production scans/ --out masks/
       mlpipe predict models:/seg3d/3 data/Task09_Spleen --out s3://bucket/masks --labels lbl/
       mlpipe predict models:/seg3d@production scans/ --out s3://b/m --shard 0/4 --batch-id mar
+      mlpipe predict models:/seg3d@production series/ --out segs/ --format both
       mlpipe predict --summary mar
     """
     if summary_id is not None:
@@ -94,6 +106,7 @@ def predict(
         batch_id=batch_id,
         range_factor=range_factor,
         tracking_uri=tracking_uri,
+        formats=("nifti", "dicom-seg") if fmt == "both" else (fmt,),
     )
     result = run_batch(request, echo=lambda msg: click.echo(msg, err=True))
     metrics = result.metrics

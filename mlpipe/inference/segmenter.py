@@ -271,7 +271,7 @@ class Segmenter:
                     with self._slots:
                         path = raw.with_name("series.nii")
                         nib.save(nib.Nifti1Image(load_series(series), series.affine), path)
-                        extra = {"series": _series_record(series)}
+                        extra = {"series": series_record(series)}
                         result = self.predict(
                             self.check(path, name, request_id, header=header, extra=extra),
                             request_id,
@@ -393,7 +393,7 @@ class Segmenter:
         self.profiles.append(entry)
 
 
-def _series_record(series: Any) -> dict:
+def series_record(series: Any) -> dict:
     """How a served series is named in the profile record: a salted hash of its
     SeriesInstanceUID and one hash over its files' hashes; never a header attribute."""
     import hashlib

@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import logging
 import queue
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mlpipe.core.errors import DatasetError, InterruptedRunError
@@ -78,6 +80,7 @@ class _Prepared:
     case: Case
     row: CaseRow
     checked: CheckedVolume | None = None
+    scratch: tempfile.TemporaryDirectory | None = None  # a series read into a NIfTI
 
 
 def process_cases(
@@ -134,8 +137,12 @@ def process_cases(
             if item is None:
                 break
             raise_if_stopped(stop)
-            if item.checked is not None:
-                _segment(segmenter, item, store, writers)
+            try:
+                if item.checked is not None:
+                    _segment(segmenter, item, store, writers)
+            finally:
+                if item.scratch is not None:
+                    item.scratch.cleanup()
             on_row(item.row)
         if failure:
             raise failure[0]
@@ -168,29 +175,50 @@ def _put_end(ready: queue.Queue, ended: threading.Event) -> None:
 def _prepare(segmenter: Segmenter, case: Case, *, skipped: bool, hash_it: bool) -> _Prepared:
     """Hash and check one case (the reader thread's part); failures become the row's error."""
     from mlpipe.data.dataset import examine_file
+    from mlpipe.data.volumes import is_series
 
     name = case.image.name
-    suffix = ".nii.gz" if name.lower().endswith(".gz") else ".nii"
+    series = is_series(case.image)
+    suffix = "" if series else ".nii.gz" if name.lower().endswith(".gz") else ".nii"
     row = CaseRow(case=case.name, status=SKIPPED if skipped else FAILED, file=case.name + suffix)
     if skipped and not hash_it:
         return _Prepared(case, row)
+    scratch = None
     try:
-        facts = examine_file(case.image)
+        facts = examine_file(case.image)  # a series: one hash over its files' hashes
         row.sha256, row.bytes = facts.sha256, facts.size
         row.shape = "x".join(str(n) for n in facts.shape)
         if skipped:
             return _Prepared(case, row)
-        header = segmenter.read_header(case.image, name)
+        volume, extra = case.image, None
+        if series:
+            # The pyfunc reads NIfTI: the series goes in as a NIfTI on its own grid, as serve does
+            scratch = tempfile.TemporaryDirectory(prefix="mlpipe-predict-series-")
+            volume, extra = _series_as_nifti(case.image, Path(scratch.name))
+        header = segmenter.read_header(volume, name)
         row.spacing = "x".join(f"{s:g}" for s in header.spacing)
-        checked = segmenter.check(case.image, name, case.name, header=header)
-    except DatasetError as exc:
-        row.error = _scrub(str(exc), case)
-        return _Prepared(case, row)
-    except InputRejected as exc:
-        row.error = _scrub(exc.message, case)
+        checked = segmenter.check(volume, name, case.name, header=header, extra=extra)
+    except (DatasetError, InputRejected) as exc:
+        if scratch is not None:
+            scratch.cleanup()
+        row.error = _scrub(exc.message if isinstance(exc, InputRejected) else str(exc), case)
         return _Prepared(case, row)
     row.profile = checked.profile
-    return _Prepared(case, row, checked)
+    return _Prepared(case, row, checked, scratch)
+
+
+def _series_as_nifti(image: Path, folder: Path) -> tuple[Path, dict]:
+    """A DICOM series written as a NIfTI on its own grid, and how the profile names it (salted
+    UID hash and file hashes: never a header attribute)."""
+    import nibabel as nib
+
+    from mlpipe.data.dicom import load_series, open_series
+    from mlpipe.inference.segmenter import series_record
+
+    with open_series(image) as series:
+        path = folder / "series.nii"
+        nib.save(nib.Nifti1Image(load_series(series), series.affine), path)
+        return path, {"series": series_record(series)}
 
 
 def _segment(

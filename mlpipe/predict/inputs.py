@@ -200,9 +200,10 @@ def _cases_of(given: str) -> tuple[list[Case], str | None, str | None]:
         suffix = path.suffix.lower()
         if suffix in (".csv", ".json"):
             return _manifest_cases(path)
-        if not is_volume(path):
+        if not (is_volume(path) or suffix in (".zip", ".dcm")):
             raise UsageError(
-                f"INPUT {given} is neither a .nii/.nii.gz volume nor a .csv/.json manifest."
+                f"INPUT {given} is neither a .nii/.nii.gz volume, a DICOM series (.zip, .dcm) "
+                "nor a .csv/.json manifest."
             )
         return [Case(_case_name(path.name), path)], None, None
     if (path / "imagesTr").is_dir() or (path / "dataset.json").is_file():
@@ -255,7 +256,7 @@ def _manifest_cases(path: Path) -> tuple[list[Case], str | None, str | None]:
 
 
 def _case_name(file_name: str) -> str:
-    stem = re.sub(r"\.nii(\.gz)?$", "", file_name, flags=re.IGNORECASE)
+    stem = re.sub(r"\.(nii(\.gz)?|zip|dcm)$", "", file_name, flags=re.IGNORECASE)
     return re.sub(r"_image$", "", stem, flags=re.IGNORECASE) or stem
 
 

@@ -75,7 +75,35 @@ class NiftiMaskWriter:
         return [name]
 
 
-WRITERS: dict[str, type] = {"nifti": NiftiMaskWriter}
+@dataclass(frozen=True)
+class DicomSegWriter:
+    """``<case>_seg.dcm``: the mask as a DICOM SEG over the case's source series (highdicom),
+    one segment per class, in the series' study so a viewer shows it over the images.
+
+    A SEG copies the source's patient and study modules by design: it is patient data. It goes
+    to ``--out`` only, never to the tracking server.
+    """
+
+    format: str = "dicom-seg"
+
+    def names(self, case: Case) -> list[str]:
+        return [f"{case.name}_seg.dcm"]
+
+    def write(self, store: OutputStore, case: Case, result: Segmentation) -> list[str]:
+        import tempfile
+
+        from mlpipe.inference.dicom_seg import seg_for_series
+
+        name = self.names(case)[0]
+        with tempfile.TemporaryDirectory(prefix="mlpipe-predict-seg-") as tmp:
+            mask = Path(tmp) / "mask.nii.gz"
+            mask.write_bytes(result.mask)
+            seg = seg_for_series(mask, case.image, Path(tmp) / "seg.dcm", algorithm="mlpipe")
+            store.put(name, seg.read_bytes())
+        return [name]
+
+
+WRITERS: dict[str, type] = {"nifti": NiftiMaskWriter, "dicom-seg": DicomSegWriter}
 """Output formats by ``--format`` name; a new format registers its writer class here."""
 
 

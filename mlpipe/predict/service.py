@@ -16,7 +16,7 @@ import signal
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -84,6 +84,23 @@ class PredictRequest:
             raise UsageError("--out is required: a folder or s3://bucket/prefix for the masks.")
 
 
+def _refuse_nifti_for_dicom_seg(cases: Sequence[Case]) -> None:
+    """A DICOM SEG references its source series: a NIfTI case has none to reference.
+
+    Raises:
+        UsageError: naming the first NIfTI cases.
+    """
+    from mlpipe.data.volumes import is_series
+
+    nifti = [case.name for case in cases if not is_series(case.image)]
+    if nifti:
+        listed = ", ".join(nifti[:5]) + (", ..." if len(nifti) > 5 else "")
+        raise UsageError(
+            f"--format dicom-seg needs DICOM series inputs to reference, but {len(nifti)} "
+            f"case(s) are NIfTI ({listed}). Use --format nifti for them, or give the series."
+        )
+
+
 @dataclass
 class BatchResult:
     """The outcome of one batch (one shard): its rows, metrics and where the run is."""
@@ -136,6 +153,8 @@ def run_batch(request: PredictRequest, *, echo: Echo | None = None) -> BatchResu
     writers = make_writers(request.formats)
     listed = list_cases(request.inputs)
     mine = attach_labels(shard.take(listed.cases), request.labels)
+    if "dicom-seg" in request.formats:
+        _refuse_nifti_for_dicom_seg(listed.cases)
     tracking = connect(request.tracking_uri)
     source = resolve_model(tracking, request.model_uri)
     store = open_store(request.out, tracking.settings)
