@@ -24,7 +24,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from _common import emit, machine, versions
+from _common import emit, machine, summary, versions
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "projects" / "seg3d"))
 
@@ -112,6 +112,13 @@ def main() -> None:
         "cold_over_read_once": round(cold / read_once, 3),
         "cold_over_read_once_threads": round(cold / read_threads, 3),
         "met": warm < 1.0 and cold <= 1.2 * read_once,
+        "summary": summary(
+            mlpipe=f"plan {args.count} cases cold {cold:.2f} s, warm {warm:.2f} s",
+            baseline=f"reading them once {read_once:.2f} s",
+            ratio=cold / read_once,
+            target="cold <= 1.2x one read; warm < 1 s",
+            met=warm < 1.0 and cold <= 1.2 * read_once,
+        ),
         "machine": machine(),
         "versions": versions("numpy", "nibabel"),
     })  # fmt: skip
