@@ -310,3 +310,25 @@ def test_monai_load_image_reads_a_series_like_its_nifti(tmp_path, reader):
     np.testing.assert_allclose(np.asarray(item["image"].affine), affine, atol=1e-4)
     np.testing.assert_allclose(np.asarray(item["label"].affine), affine, atol=1e-4)
     np.testing.assert_array_equal(np.asarray(item["label"]) == 1, data > 200)
+
+
+def test_monai_chain_with_the_series_reader_leaves_nifti_to_monai(tmp_path):
+    """LoadImage tries a reader named by the user on every file: a 4D multi-channel NIfTI must
+    still come out channels first, exactly as MONAI's own reader gives it (seg3d names the
+    series reader in its chain; a 4D image once came out 5D and broke Orientationd)."""
+    from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged
+
+    image = tmp_path / "multi.nii.gz"
+    data = np.random.default_rng(0).normal(size=(12, 10, 8, 3)).astype(np.float32)
+    nib.save(nib.Nifti1Image(data, np.diag([2.0, 2.0, 3.0, 1.0])), image)
+
+    def load(**reader):
+        chain = Compose(
+            [LoadImaged("image", image_only=True, **reader), EnsureChannelFirstd("image")]
+        )
+        return chain({"image": str(image)})["image"]
+
+    with_reader = load(reader="mlpipe.data.monai_reader.DicomSeriesReader")
+    plain = load()
+    assert tuple(with_reader.shape) == tuple(plain.shape) == (3, 12, 10, 8)
+    np.testing.assert_array_equal(np.asarray(with_reader), np.asarray(plain))

@@ -43,6 +43,11 @@ class DicomSeriesReader(ImageReader):
 
     def read(self, data: Sequence[os.PathLike | str] | os.PathLike | str, **kwargs: Any) -> Any:
         (name,) = ensure_tuple(data)
+        if not is_series(name):
+            # LoadImage tries a reader named by the user on every file, without asking
+            # verify_suffix first; raising hands a NIfTI (4D channels included) to MONAI's own
+            # readers, as the class docstring promises.
+            raise ValueError(f"{name} is not a DICOM series; MONAI's own readers take it.")
         return os.fspath(name)  # nothing is read until get_data: one volume in memory
 
     def get_data(self, img: Any) -> tuple[np.ndarray, dict]:
