@@ -72,16 +72,16 @@ def model_lock(
         holder = _holder(client, name)
         if holder is not None:
             held_owner, acquired_at = holder
-            if acquired_at is None:
+            if acquired_at is None and _untagged_for_good(client, name):
                 # create_registered_model sets the tags atomically with the name, so a model
-                # without them was made by someone else: never break (delete) it.
+                # that keeps none was made by someone else: never break (delete) it.
                 raise UsageError(
                     f"A registered model named {name!r} exists but is not an mlpipe lock (it "
                     f"has no {ACQUIRED_TAG} tag), so mlpipe cannot lock {model!r}. Rename or "
                     "delete that registered model in the MLflow UI if it is not needed."
                 )
-            age = time.time() - acquired_at
-            if age > stale_after:
+            age = 0.0 if acquired_at is None else time.time() - acquired_at
+            if acquired_at is not None and age > stale_after:
                 warn(
                     f"Breaking a stale registry lock on {model!r} held by {held_owner} for "
                     f"{age:.0f} s (its process probably died)."
@@ -104,6 +104,21 @@ def model_lock(
         yield
     finally:
         _release(client, name)
+
+
+def _untagged_for_good(client: MlflowClient, name: str, reads: int = 3) -> bool:
+    """Whether ``name`` stays a registered model without mlpipe's lock tag over a few reads.
+
+    One read can see a lock model without its tags: the store reads the model row and its tags
+    in two queries, and a holder that releases (deletes) in between leaves the tags query empty.
+    A real lock is gone or tagged again a moment later; a model that is not a lock stays so.
+    """
+    for _ in range(reads):
+        time.sleep(0.2)
+        holder = _holder(client, name)
+        if holder is None or holder[1] is not None:
+            return False
+    return True
 
 
 def _try_acquire(client: MlflowClient, name: str, owner: str) -> bool:
