@@ -130,6 +130,53 @@ def test_load_project_unknown_mlpipe_key_suggests_close_key(tmp_path):
     assert finding.file == str(tmp_path / "p" / "MLproject")
 
 
+CHECK_ENTRY = """  check:
+    parameters:
+      data_dir: {type: string, default: ""}
+    command: "python c.py {data_dir}"
+"""
+
+
+def with_preflight(section: str, check: str = CHECK_ENTRY) -> str:
+    text = variant("  primary_metric_goal: min\n", f"  primary_metric_goal: min\n{section}")
+    return variant("  preprocess:\n", check + "  preprocess:\n", text)
+
+
+@pytest.mark.parametrize(
+    "section",
+    ["  preflight: check\n", "  preflight: {entry_point: check, before: [main, train]}\n"],
+)
+def test_load_project_preflight_short_and_long_forms(tmp_path, section):
+    project = load_project(write_project(tmp_path / "p", with_preflight(section)))
+    assert not project.errors, project.errors
+    check = project.conventions.preflight
+    assert check.entry_point == "check" and check.before == ("main", "train")
+
+
+@pytest.mark.parametrize(
+    ("section", "check", "needle"),
+    [
+        ("  preflight: chek\n", CHECK_ENTRY,
+         "mlpipe.preflight names entry point 'chek', which is not declared"),
+        ("  preflight: {entry_point: check, before: [trian]}\n", CHECK_ENTRY,
+         "mlpipe.preflight.before names entry point 'trian', which is not declared"),
+        ("  preflight: {entry_point: check, befor: [main]}\n", CHECK_ENTRY,
+         "unknown key mlpipe.preflight.befor (did you mean before?)"),
+        ("  preflight: [check]\n", CHECK_ENTRY, "mlpipe.preflight must be an entry point name"),
+        ("  preflight: {entry_point: check, before: 3}\n", CHECK_ENTRY,
+         "mlpipe.preflight.before is 3; expected a list"),
+        # the check is handed the run's values: one it requires that main lacks can never come
+        ("  preflight: {entry_point: check, before: [main]}\n",
+         CHECK_ENTRY.replace("      data_dir", "      fold: {type: int}\n      data_dir"),
+         "pre-flight entry point check needs fold, which main does not declare"),
+    ],
+)  # fmt: skip
+def test_load_project_preflight_mistakes_are_errors(tmp_path, section, check, needle):
+    project = load_project(write_project(tmp_path / "p", with_preflight(section, check)))
+    finding = only(project.errors, needle)
+    assert finding.line == MLPIPE_LINE + 6
+
+
 def test_load_project_convention_2_is_an_error(tmp_path):
     project = load_project(write_project(tmp_path / "p", variant("convention: 1", "convention: 2")))
     finding = only(project.errors, "mlpipe.convention is 2")

@@ -4,9 +4,9 @@ Tiny real-anatomy sets (the MNI152 brain warped into subjects, 6 mm voxels) keep
 training to a couple of CPU epochs. Checked: the plan is logged (artifact, params, tag) and
 printed; a given value is recorded as an override; the model served through mlpipe's serve
 code path (``Segmenter``) gives the mask whose Dice ``evaluate`` reported; contradictions
-with ``dataset.json`` stop ``python -m seg3d`` with exit 2 before any run (as seg3d's other
-input errors do: through ``mlpipe run`` the run already exists when the project starts);
-a 4D multi-channel set declared by ``dataset.json`` trains and serves.
+with ``dataset.json`` stop ``mlpipe run`` (through seg3d's ``check`` pre-flight) and
+``python -m seg3d`` with exit 2 before any run exists; a 4D multi-channel set declared by
+``dataset.json`` trains and serves.
 """
 
 from __future__ import annotations
@@ -104,19 +104,23 @@ def test_mri_plans_trains_and_serves_the_mask_evaluate_scored(anatomy, tmp_path)
         mlflow.set_tracking_uri(None)
 
 
-def test_contradictions_with_dataset_json_stop_before_any_run(anatomy, tmp_path):
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlruns.db'}"}
-    done = subprocess.run(
-        [sys.executable, "-m", "seg3d", "train", "--data-dir", str(anatomy["mri"]),
-         "--num-classes", "2"],
-        cwd=PROJECT, capture_output=True, text=True, timeout=300, env=env,
-    )  # fmt: skip
+@pytest.mark.parametrize("way", ["mlpipe run", "python -m seg3d"])
+def test_contradictions_with_dataset_json_stop_before_any_run(anatomy, tmp_path, way):
+    data = anatomy["mri"]
+    if way == "mlpipe run":
+        done = run("run", str(PROJECT), "-e", "train", "-P", f"data_dir={data}",
+                   "-P", "num_classes=2", cwd=tmp_path, timeout=300)  # fmt: skip
+        assert "refused this train run; nothing was created" in done.stderr
+    else:
+        env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlruns.db'}"}
+        done = subprocess.run(
+            [sys.executable, "-m", "seg3d", "train", "--data-dir", str(data), "--num-classes", "2"],
+            cwd=PROJECT, capture_output=True, text=True, timeout=300, env=env,
+        )  # fmt: skip
     assert done.returncode == 2, done.stderr[-2000:]
     assert "num_classes=2" in done.stderr and "lists 3 labels" in done.stderr
     assert "Traceback" not in done.stderr
-    assert not (tmp_path / "mlruns.db").exists() or not MlflowClient(
-        f"sqlite:///{tmp_path / 'mlruns.db'}"
-    ).search_runs(["0"])
+    assert not (tmp_path / "mlruns.db").exists()
 
 
 def test_undeclared_4d_image_is_refused_naming_the_file(anatomy, tmp_path):

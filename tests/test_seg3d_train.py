@@ -227,6 +227,25 @@ def test_checkpoint_due_first_better_last_and_by_time():
     assert checkpoint_due(0, 100.0, improved=False, last=False, now=100.1)
 
 
+def test_an_epoch_cut_short_by_a_failing_transform_stops_training():
+    """MONAI's ThreadDataLoader really does end early without raising; the guard catches it."""
+    from monai.data import Dataset, ThreadDataLoader
+
+    from seg3d.train import check_epoch_complete
+
+    def fails_on_case_2(case: int) -> int:
+        if case == 2:
+            raise ValueError("case 2 is corrupt")
+        return case
+
+    loader = ThreadDataLoader(Dataset(list(range(5)), transform=fails_on_case_2), batch_size=1)
+    seen = [int(b) for b in loader]
+    assert seen == [0, 1]  # the loader's own behaviour: no exception, two of five batches
+    with pytest.raises(RuntimeError, match="stopped after 2 of 5 batches"):
+        check_epoch_complete(0, len(seen), len(loader))
+    check_epoch_complete(0, 5, 5)
+
+
 def test_negative_checkpoint_interval_is_refused_naming_it():
     from seg3d.config import Seg3dInputError, TrainConfig
 

@@ -109,8 +109,7 @@ def run(
     )
     plan = plan_run(request)
     try:
-        for finding in plan.project.warnings:
-            click.echo(f"Warning: {finding}", err=True)
+        echo_checks(plan)
         if dry_run:
             _print_plan(plan.describe(), as_json)
             return
@@ -186,3 +185,13 @@ def _print_plan(plan: dict, as_json: bool) -> None:
         args = " ".join(f"-A {k}={v}" for k, v in plan["docker_args"].items())
         click.echo(f"  docker args: {args}")
     click.echo(f"  command:     {plan['command']}")
+
+
+def echo_checks(plan) -> None:
+    """The project's warnings and what its pre-flight check said, on stderr."""
+    for finding in plan.project.warnings:
+        click.echo(f"Warning: {finding}", err=True)
+    if plan.preflight and plan.preflight.warning:
+        click.echo(f"Warning: {plan.preflight.warning}", err=True)
+    elif plan.preflight:
+        click.echo(f"mlpipe: {plan.preflight.note}", err=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from mlpipe.cli.group import TRACKING_URI_HELP, cli
+from mlpipe.cli.run import echo_checks
 
 
 @cli.command(context_settings={"show_default": True})
@@ -134,8 +135,7 @@ def sweep(
         click.echo(line(table_row(row, plan.space)))
 
     try:
-        for finding in plan.base.project.warnings:
-            click.echo(f"Warning: {finding}", err=True)
+        echo_checks(plan.base)
         click.echo(
             f"Sweep {plan.study_name}: {plan.trials} trials of {plan.base.entry_point.name}, "
             f"{plan.metric} ({plan.goal}), pruner {plan.pruner}, {plan.parallel} at a time"

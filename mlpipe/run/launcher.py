@@ -19,7 +19,13 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
+
+from mlpipe.core.errors import ProjectError
+
+if TYPE_CHECKING:
+    from mlpipe.run.params import CheckedParams
+    from mlpipe.run.project import EntryPoint, Project
 
 TAIL_LINES = 15
 STOP_GRACE_S = 10.0
@@ -171,3 +177,20 @@ class LaunchHooks:
 
 def _binary(stream) -> BinaryIO:
     return getattr(stream, "buffer", stream)
+
+
+def entry_point_command(project: Project, entry: EntryPoint, checked: CheckedParams) -> str:
+    """The shell command MLflow will run, built by MLflow's own project loader."""
+    from mlflow.projects import _project_spec
+
+    from mlpipe.core.tracking import quiet_mlflow_logs
+
+    quiet_mlflow_logs()
+
+    try:
+        spec = _project_spec.load_project(str(project.directory))
+        return spec.get_entry_point(entry.name).compute_command(
+            {**checked.values, **checked.extras}, None
+        )
+    except Exception as exc:
+        raise ProjectError(f"MLflow cannot load the project: {exc}") from exc

@@ -20,14 +20,9 @@ from typing import Any
 import yaml
 
 from mlpipe.core.errors import ParameterError, ProjectError
+from mlpipe.run.conventions import ConventionChecks, Conventions, yaml_line
 from mlpipe.run.params import PARAM_TYPES, ParamSpec, convert_value
 
-CONVENTION_VERSION = 1
-CONVENTION_KEYS = ("convention", "model", "dataset_param", "primary_metric", "primary_metric_goal")
-OPTIONAL_KEYS = ("sweep",)
-"""Keys of the ``mlpipe:`` section that a project may leave out."""
-SWEEP_KEYS = ("entry_point", "space", "metric", "goal", "trials", "pruner", "sampler")
-"""Keys of ``mlpipe: sweep:`` (the project's own search; ``mlpipe sweep`` reads it)."""
 REQUIRED_ENTRY_POINTS = ("main", "train")
 RECOMMENDED_ENTRY_POINTS = ("preprocess", "evaluate")
 ENV_KEYS = ("python_env", "conda_env", "docker_env")
@@ -55,19 +50,6 @@ class EntryPoint:
     params: dict[str, ParamSpec]
     script: bool = False
     """True for a ``.py``/``.sh`` file run as an entry point without a declaration."""
-
-
-@dataclass(frozen=True)
-class Conventions:
-    """The ``mlpipe:`` section; fields are None where the project leaves them out."""
-
-    convention: int | None = None
-    model: str | None = None
-    dataset_param: str | None = None
-    primary_metric: str | None = None
-    primary_metric_goal: str | None = None
-    sweep: dict[str, Any] | None = None
-    """``mlpipe: sweep:`` as written (its shape checked here, its space by ``mlpipe sweep``)."""
 
 
 @dataclass(frozen=True)
@@ -195,7 +177,7 @@ def _read_mlproject(path: Path) -> str:
         raise ProjectError(f"{path} cannot be read: {exc.strerror or exc}.") from exc
 
 
-class _Linter:
+class _Linter(ConventionChecks):
     """Builds the Project and its findings from one pass over the YAML node tree."""
 
     def __init__(self, folder: Path, mlproject: Path):
@@ -253,103 +235,12 @@ class _Linter:
     def _warn(self, message: str, line: int | None) -> None:
         self.findings.append(Finding("warning", message, str(self.path), line))
 
-    # sections -------------------------------------------------------------------------------
-    def _conventions(self, data: dict, root: Any) -> Conventions | None:
-        section = data.get("mlpipe")
-        if section is None:
-            self._warn(
-                "no mlpipe: section: a foreign project; it runs with typed-parameter checks, "
-                "and convention findings are warnings (add the section to follow convention 1)",
-                None,
-            )
-            return None
-        self.convention = True
-        line = _line(root, "mlpipe")
-        if not isinstance(section, dict):
-            self._error("mlpipe: must be a mapping with " + ", ".join(CONVENTION_KEYS), line)
-            return Conventions()
-        known = CONVENTION_KEYS + OPTIONAL_KEYS
-        for key in section:
-            if key not in known:
-                close = difflib.get_close_matches(str(key), known, n=1)
-                hint = f" (did you mean {close[0]}?)" if close else ""
-                self._error(f"unknown key mlpipe.{key}{hint}", _line(root, "mlpipe", key))
-        for key in CONVENTION_KEYS:
-            if section.get(key) in (None, ""):
-                self._error(f"mlpipe.{key} is missing", line)
-        convention = section.get("convention")
-        if convention is not None and (
-            type(convention) is not int or convention != CONVENTION_VERSION
-        ):
-            self._error(
-                f"mlpipe.convention is {convention!r}; this mlpipe knows convention "
-                f"{CONVENTION_VERSION}",
-                _line(root, "mlpipe", "convention"),
-            )
-        goal = section.get("primary_metric_goal")
-        if goal is not None and goal not in ("max", "min"):
-            self._error(
-                f"mlpipe.primary_metric_goal is {goal!r}; expected max or min",
-                _line(root, "mlpipe", "primary_metric_goal"),
-            )
-        sweep = self._sweep(section.get("sweep"), root)
-        return Conventions(**{k: section.get(k) for k in CONVENTION_KEYS}, sweep=sweep)
-
-    def _sweep(self, section: Any, root: Any) -> dict[str, Any] | None:
-        """Check the shape of ``mlpipe: sweep:``; the space's expressions are parsed by
-        ``mlpipe.sweep.space`` when a sweep starts, against the entry point's parameters."""
-        if section is None:
-            return None
-        line = _line(root, "mlpipe", "sweep")
-        if not isinstance(section, dict):
-            self._error("mlpipe.sweep must be a mapping with " + ", ".join(SWEEP_KEYS), line, True)
-            return None
-        for key in section:
-            if key not in SWEEP_KEYS:
-                close = difflib.get_close_matches(str(key), SWEEP_KEYS, n=1)
-                hint = f" (did you mean {close[0]}?)" if close else ""
-                self._error(
-                    f"unknown key mlpipe.sweep.{key}{hint}", _line(root, "mlpipe", "sweep", key)
-                )
-        space = section.get("space")
-        if not isinstance(space, dict) or not space:
-            self._error(
-                "mlpipe.sweep.space must map parameter names to ranges, e.g. "
-                "lr: loguniform(1e-4, 1e-2)",
-                _line(root, "mlpipe", "sweep", "space") or line,
-                True,
-            )
-        else:
-            for name, value in space.items():
-                if not isinstance(value, (str, list)) or not value:
-                    self._error(
-                        f"mlpipe.sweep.space.{name} must be an expression such as "
-                        "int(2, 8, step=2) or a list of choices",
-                        _line(root, "mlpipe", "sweep", "space", str(name)),
-                        True,
-                    )
-        trials = section.get("trials")
-        if trials is not None and (type(trials) is not int or trials < 1):
-            self._error(
-                f"mlpipe.sweep.trials is {trials!r}; expected a positive integer",
-                _line(root, "mlpipe", "sweep", "trials"),
-                True,
-            )
-        goal = section.get("goal")
-        if goal is not None and goal not in ("max", "min"):
-            self._error(
-                f"mlpipe.sweep.goal is {goal!r}; expected max or min",
-                _line(root, "mlpipe", "sweep", "goal"),
-                True,
-            )
-        return dict(section)
-
     def _env(self, data: dict, root: Any) -> str | None:
         present = [key for key in ENV_KEYS if key in data]
         if len(present) > 1:
             self._error(
                 f"only one environment may be declared, found {', '.join(present)}",
-                _line(root, present[1]),
+                yaml_line(root, present[1]),
                 always=True,
             )
         if not present:
@@ -368,11 +259,11 @@ class _Linter:
             if not isinstance(value, str) or not (self.folder / value).is_file():
                 self._error(
                     f"{kind} file {value!r} does not exist next to the MLproject",
-                    _line(root, kind),
+                    yaml_line(root, kind),
                     always=True,
                 )
         elif not isinstance(value, dict) or not value.get("image"):
-            self._error("docker_env needs an image", _line(root, kind), always=True)
+            self._error("docker_env needs an image", yaml_line(root, kind), always=True)
         return kind
 
     def _entry_points(self, data: dict, root: Any) -> dict[str, EntryPoint]:
@@ -380,14 +271,14 @@ class _Linter:
         if not isinstance(section, dict):
             self._error(
                 "entry_points must be a mapping of names to {parameters, command}",
-                _line(root, "entry_points"),
+                yaml_line(root, "entry_points"),
                 always=True,
             )
             return {}
         out: dict[str, EntryPoint] = {}
         for name, body in section.items():
             name = str(name)
-            line = _line(root, "entry_points", name)
+            line = yaml_line(root, "entry_points", name)
             if not isinstance(body, dict):
                 self._error(f"entry point {name} must be a mapping with a command", line, True)
                 continue
@@ -401,11 +292,13 @@ class _Linter:
             out[name] = EntryPoint(name=name, command=command, params=params)
         missing_required = [n for n in REQUIRED_ENTRY_POINTS if n not in out]
         for missing in missing_required:
-            self._error(f"standard entry point {missing} is missing", _line(root, "entry_points"))
+            self._error(
+                f"standard entry point {missing} is missing", yaml_line(root, "entry_points")
+            )
         for missing in RECOMMENDED_ENTRY_POINTS:
             if missing not in out and self.convention:
                 self._warn(
-                    f"standard entry point {missing} is missing", _line(root, "entry_points")
+                    f"standard entry point {missing} is missing", yaml_line(root, "entry_points")
                 )
         return out
 
@@ -413,14 +306,14 @@ class _Linter:
         if not isinstance(section, dict):
             self._error(
                 f"parameters of {entry} must be a mapping",
-                _line(root, "entry_points", entry, "parameters"),
+                yaml_line(root, "entry_points", entry, "parameters"),
                 always=True,
             )
             return {}
         specs: dict[str, ParamSpec] = {}
         for pname, body in section.items():
             pname = str(pname)
-            line = _line(root, "entry_points", entry, "parameters", pname)
+            line = yaml_line(root, "entry_points", entry, "parameters", pname)
             specs[pname] = self._param(entry, pname, body, line)
         return specs
 
@@ -482,7 +375,7 @@ class _Linter:
     def _check_command(
         self, entry: str, command: str, params: dict[str, ParamSpec], root: Any
     ) -> None:
-        line = _line(root, "entry_points", entry, "command")
+        line = yaml_line(root, "entry_points", entry, "command")
         try:
             fields = {f for _, f, _, _ in string.Formatter().parse(command) if f}
         except ValueError as exc:
@@ -497,42 +390,6 @@ class _Linter:
             )
         for unused in sorted(set(params) - fields):
             self._warn(f"parameter {entry}.{unused} is declared but not used in the command", line)
-
-    def _check_convention_links(
-        self, conv: Conventions, entry_points: dict[str, EntryPoint], root: Any
-    ) -> None:
-        dataset = conv.dataset_param
-        if not dataset:
-            return
-        line = _line(root, "mlpipe", "dataset_param")
-        holders = [ep for ep in entry_points.values() if dataset in ep.params]
-        if not holders:
-            self._error(
-                f"mlpipe.dataset_param {dataset!r} is not a parameter of any entry point", line
-            )
-        elif "train" in entry_points and dataset not in entry_points["train"].params:
-            self._error(f"mlpipe.dataset_param {dataset!r} is not a parameter of train", line)
-        for ep in holders:
-            if ep.params[dataset].type not in ("path", "uri", "string"):
-                self._error(
-                    f"{ep.name}.{dataset} names a dataset; declare it as path, uri or string", line
-                )
-
-
-def _line(root: Any, *keys: str) -> int | None:
-    """1-based line of the key at ``keys`` in a composed YAML tree, or of its nearest parent."""
-    node, found = root, None
-    for key in keys:
-        if not isinstance(node, yaml.MappingNode):
-            break
-        for key_node, value_node in node.value:
-            if getattr(key_node, "value", None) == key:
-                found = key_node.start_mark.line + 1
-                node = value_node
-                break
-        else:
-            break
-    return found
 
 
 def iter_findings(project: Project) -> Iterator[Finding]:

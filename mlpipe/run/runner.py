@@ -33,8 +33,9 @@ from mlpipe.core.errors import (
     UsageError,
 )
 from mlpipe.core.settings import Settings, client_environ, redact_uri, resolve_settings
-from mlpipe.run.launcher import LaunchHooks
+from mlpipe.run.launcher import LaunchHooks, entry_point_command
 from mlpipe.run.params import CheckedParams, check_params, parse_assignments
+from mlpipe.run.preflight import PreflightOutcome, run_preflight
 from mlpipe.run.project import EntryPoint, Project, load_project
 from mlpipe.run.source import ProjectSource, resolve_source, strip_credentials
 
@@ -91,6 +92,8 @@ class RunPlan:
     command: str
     tags: dict[str, str] = field(default_factory=dict)
     docker_args: dict[str, object] = field(default_factory=dict)
+    preflight: PreflightOutcome | None = None
+    """What the project's own check said (``mlpipe: preflight:``); None when it has none."""
 
     @property
     def all_params(self) -> dict[str, str]:
@@ -116,6 +119,7 @@ class RunPlan:
             "docker_args": dict(self.docker_args),
             "command": self.command,
             "tags": self.tags,
+            "preflight": self.preflight.note or self.preflight.warning if self.preflight else None,
         }
 
 
@@ -133,10 +137,14 @@ class RunOutcome:
 def plan_run(request: RunRequest) -> RunPlan:
     """Resolve and check everything; creates nothing but a temporary clone.
 
+    The last check is the project's own (``mlpipe.run.preflight``), when it declares one for
+    this entry point: it sees the values as they will be passed.
+
     The caller owns ``plan.source`` and must call ``plan.source.cleanup()``.
 
     Raises:
-        UsageError: (and subclasses) a bad URI, version, project, parameter or option.
+        UsageError: (and subclasses) a bad URI, version, project, parameter or option, or
+            input the project's pre-flight check refused (``PreflightRefusedError``).
     """
     _check_options(request)
     given = parse_assignments(request.params)
@@ -174,10 +182,17 @@ def plan_run(request: RunRequest) -> RunPlan:
             params=checked,
             settings=settings,
             experiment=experiment,
-            command=_command(project, entry, checked),
+            command=entry_point_command(project, entry, checked),
             docker_args=docker_args,
         )
         plan.tags = run_tags(plan)
+        plan.preflight = run_preflight(
+            project,
+            entry.name,
+            checked.values,
+            env_manager=request.env_manager,
+            backend=request.backend,
+        )
         return plan
     except BaseException:
         source.cleanup()
@@ -212,7 +227,7 @@ def with_params(
         plan,
         request=request,
         params=checked,
-        command=_command(plan.project, entry, checked),
+        command=entry_point_command(plan.project, entry, checked),
         tags={},
     )
     conv = plan.project.conventions
@@ -606,23 +621,6 @@ def _docker_args(request: RunRequest, project: Project) -> dict[str, object]:
             "GPUs already."
         )
     return {"gpus": "all"}
-
-
-def _command(project: Project, entry: EntryPoint, checked: CheckedParams) -> str:
-    """The shell command MLflow will run, built by MLflow's own project loader."""
-    from mlflow.projects import _project_spec
-
-    from mlpipe.core.tracking import quiet_mlflow_logs
-
-    quiet_mlflow_logs()
-
-    try:
-        spec = _project_spec.load_project(str(project.directory))
-        return spec.get_entry_point(entry.name).compute_command(
-            {**checked.values, **checked.extras}, None
-        )
-    except Exception as exc:
-        raise ProjectError(f"MLflow cannot load the project: {exc}") from exc
 
 
 def _dataset_tags(plan: RunPlan) -> dict[str, str]:

@@ -106,6 +106,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--window", default="-175,250")
     _train_args(sub.add_parser("train", help="train (and optionally register) a model"))
     _train_args(sub.add_parser("main", help="train, evaluate on the test split, register"))
+    _train_args(sub.add_parser("check", help="train's checks and plan, no run (pre-flight)"))
     p = sub.add_parser("plan", help="fingerprint the dataset and print the training plan")
     p.add_argument("--data-dir", default="")
     p.add_argument("--max-minutes", type=float, default=0.0)
@@ -140,6 +141,10 @@ def main(argv: list[str] | None = None) -> int:
             from seg3d.train import train_entry
 
             train_entry(config_from(args), evaluate_after=args.step == "main")
+        elif args.step == "check":
+            from seg3d.prepare import check_entry
+
+            check_entry(config_from(args))
         elif args.step == "plan":
             from seg3d.planning import plan_entry
 

@@ -80,9 +80,9 @@ def train(config: TrainConfig, *, log: bool = True) -> TrainResult:
     from monai.data import CacheDataset, ThreadDataLoader, partition_dataset
     from monai.utils import set_determinism
 
-    from seg3d.checks import check_dataset, check_geometry, resolve_data_dir, split_cases
-    from seg3d.fingerprint import read_dataset_json
-    from seg3d.planning import log_plan, plan_run, print_plan
+    from seg3d.checks import split_cases
+    from seg3d.planning import log_plan, print_plan
+    from seg3d.prepare import prepare
     from seg3d.transforms import infer_transforms, train_transforms, val_transforms
 
     dist = _Distributed.start()
@@ -94,21 +94,10 @@ def train(config: TrainConfig, *, log: bool = True) -> TrainResult:
     if cuda:
         torch.backends.cudnn.benchmark = True
 
-    from mlpipe.data.dataset import build_manifest
-
-    data_dir = resolve_data_dir(config)
+    # all before a run is started or anything logged (the ``check`` entry point does the same)
+    prepared = prepare(config)
+    data_dir, info, planned = prepared.data_dir, prepared.info, prepared.planned
     version = config.dataset_version or None
-    info = build_manifest(data_dir, version=version)
-    # all before a run is started or anything logged: an undeclared 4D image, a value that
-    # contradicts dataset.json, a dataset this (planned) config cannot train on
-    meta = read_dataset_json(data_dir)
-    check_geometry(
-        [p for p in info.pairs if p.split in ("train", "val")],
-        channels=len(meta.channels) if meta.channels else 1,
-    )
-    planned = plan_run(config, info, data_dir)
-    check_dataset(info, config)
-    _note_preprocessed(data_dir, config)
     if dist.rank == 0:
         print_plan(planned)
     run_id = None
@@ -205,6 +194,7 @@ def train(config: TrainConfig, *, log: bool = True) -> TrainResult:
             samples += image.shape[0]
             progress.step(epoch, step + 1, batches)
             fetch = time.perf_counter()
+        check_epoch_complete(epoch, len(losses), batches)
         lr = optimizer.param_groups[0]["lr"]  # the rate this epoch trained with
         train_loss = float(torch.stack(losses).mean()) if losses else float("nan")
         train_loss = dist.mean(train_loss, device)
@@ -348,6 +338,22 @@ class _Writer:
         self.jobs.clear()
 
 
+def check_epoch_complete(epoch: int, done: int, expected: int) -> None:
+    """MONAI's ``ThreadDataLoader`` ends an epoch early, without an error, when a transform
+    fails in its thread (the traceback is only printed); training on part of the data, or on
+    none (``train_loss`` NaN), would look like a bad model rather than a broken input.
+
+    Raises:
+        RuntimeError: fewer batches than the loader's length.
+    """
+    if done < expected:
+        raise RuntimeError(
+            f"epoch {epoch}: the data loader stopped after {done} of {expected} batches; a "
+            "transform failed in its thread (its traceback is printed above). Fix the case it "
+            "names and run again"
+        )
+
+
 def checkpoint_due(
     every_s: float, saved_at: float | None, *, improved: bool, last: bool, now: float | None = None
 ) -> bool:
@@ -481,33 +487,6 @@ def _log_final_model(result: TrainResult, model, config, checkpoints: Path, info
         client.set_model_version_tag(
             name, str(version), "seg3d.val_dice", f"{result.best_val_dice:.4f}"
         )
-
-
-def _note_preprocessed(data_dir: Path, config: TrainConfig) -> None:
-    """Data written by ``preprocess`` is already windowed: skip that step, check the settings.
-
-    The inference chain stored with the model keeps the full preprocessing, so the service
-    applies to raw volumes what ``preprocess`` applied to the training data.
-    """
-    import json
-
-    try:
-        meta = json.loads((Path(data_dir) / "dataset.json").read_text())
-    except (OSError, ValueError):
-        return
-    block = meta.get("preprocessing") if isinstance(meta, dict) else None
-    if not isinstance(block, dict) or block.get("by") != "seg3d.preprocess":
-        return
-    wanted = {"spacing": list(config.spacing), "modality": config.modality,
-              "window": list(config.window)}  # fmt: skip
-    differ = [f"{k} {block.get(k)} (data) vs {v} (parameter)" for k, v in wanted.items()
-              if k != "window" or config.modality == "ct" if block.get(k) != v]  # fmt: skip
-    if differ:
-        raise Seg3dInputError(
-            f"data_dir {data_dir} was preprocessed with other settings: {'; '.join(differ)}. "
-            "Pass the same -P spacing/modality/window to train, or preprocess again"
-        )
-    config.extra["preprocessed"] = block
 
 
 def _flat_params(config: TrainConfig, n_train: int, n_val: int, data_dir: Path) -> dict:
