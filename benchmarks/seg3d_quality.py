@@ -36,13 +36,14 @@ sys.path.insert(0, str(ROOT / "projects" / "seg3d"))
 TARGET_DICE = 0.90
 
 
-def run_seg3d(data: Path, minutes: float, work: Path) -> dict:
+def run_seg3d(data: Path, minutes: float, work: Path, extra: list[str] = ()) -> dict:
     from mlflow import MlflowClient
 
     began = time.perf_counter()
     done = subprocess.run(
         [bin_path("mlpipe"), "run", str(ROOT / "projects" / "seg3d"),
-         "-P", f"data_dir={data}", "-P", f"max_minutes={minutes:g}"],
+         "-P", f"data_dir={data}", "-P", f"max_minutes={minutes:g}",
+         *[arg for value in extra for arg in ("-P", value)]],
         cwd=work, capture_output=True, text=True,
     )  # fmt: skip
     seconds = time.perf_counter() - began
@@ -166,6 +167,13 @@ def main() -> None:
     parser.add_argument("--spacing", type=float, default=2.0)
     parser.add_argument("--skip-baseline", action="store_true")
     parser.add_argument("--skip-seg3d", action="store_true")
+    parser.add_argument(
+        "--seg3d-param",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a -P value for seg3d (an override of its plan; for experiments)",
+    )
     args = parser.parse_args()
 
     from seg3d.anatomy import make_anatomy
@@ -175,13 +183,15 @@ def main() -> None:
         os.environ.pop("MLFLOW_TRACKING_URI", None)
         data = make_anatomy(work / "data", variant="mri", count=args.count,
                             test_count=args.test_count, spacing=args.spacing)  # fmt: skip
-        seg3d = None if args.skip_seg3d else run_seg3d(data, args.max_minutes, work)
+        extra = args.seg3d_param
+        seg3d = None if args.skip_seg3d else run_seg3d(data, args.max_minutes, work, extra)
         print(json.dumps({"seg3d": seg3d}), file=sys.stderr, flush=True)
         plain = None if args.skip_baseline else run_plain_monai(data, args.max_minutes)
     emit({
         "benchmark": "seg3d_quality",
         "data": f"mni-anatomy mri {args.spacing:g} mm, {args.count} train, {args.test_count} test",
         "max_minutes": args.max_minutes,
+        "seg3d_params": args.seg3d_param,
         "seg3d": seg3d,
         "plain_monai": plain,
         "target_dice": TARGET_DICE,

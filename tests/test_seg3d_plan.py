@@ -131,6 +131,19 @@ def test_multi_channel_plan_and_geometry_check(sets):
         check_geometry(pairs, channels=1)
 
 
+def test_a_ct_channel_among_others_is_zscored_and_the_reason_says_so(sets):
+    from seg3d.fingerprint import DatasetMeta
+
+    fp = fingerprint(build_manifest(sets["multi"], cache=False), cache=False)
+    meta = read_dataset_json(sets["multi"])
+    mixed = DatasetMeta(**{**meta.__dict__, "channels": ("CT", "PET", "MRI")})
+    plan = make_plan(fp["summary"], mixed)
+    assert plan["values"]["modality"] == "mri" and plan["values"]["window"] is None
+    assert "HU clipping is planned for single-channel CT only" in plan["reasons"]["modality"]
+    _, alone = planned(sets["multi"])
+    assert "HU clipping" not in alone["reasons"]["modality"]
+
+
 def test_thick_slice_axis_takes_its_10th_percentile_not_finer_than_the_others():
     spacings = [[0.8, 0.8, 5.0]] * 8 + [[0.8, 0.8, 2.5]] * 2
     target, why = target_spacing(spacings)

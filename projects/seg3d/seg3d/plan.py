@@ -211,7 +211,11 @@ def _normalization_reason(values: dict, channels: Sequence[str]) -> str:
             f"foreground mean {values['norm_mean']:.1f}, std {values['norm_std']:.1f}"
         )
     region = "the non-zero voxels" if values["nonzero"] else "all voxels"
-    return f"{', '.join(channels)}: z-score each image (per channel) over {region}"
+    reason = f"{', '.join(channels)}: z-score each image (per channel) over {region}"
+    if len(channels) > 1 and any(c.strip().upper() == "CT" for c in channels):
+        # CT's fixed HU scale is used for one CT channel only; in a mixed set it is z-scored
+        reason += " (the CT channel too: HU clipping is planned for single-channel CT only)"
+    return reason
 
 
 def target_spacing(spacings: Sequence[Sequence[float]]) -> tuple[list[float], str]:
