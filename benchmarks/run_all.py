@@ -49,6 +49,8 @@ BENCHMARKS: list[tuple[str, list[str], int]] = [
 MANUAL: dict[str, str] = {
     "seg3d_quality": "python benchmarks/seg3d_quality.py --max-minutes 10 (about 25 minutes: "
     "seg3d and a plain MONAI recipe, each trained for the budget)",
+    "seg3d_step_cost": "python benchmarks/seg3d_step_cost.py (about 2 minutes on 2 CPU cores: "
+    "the cost of one training step per network and patch)",
 }
 """Benchmarks too long for ``make bench``, run by hand with the command given."""
 
