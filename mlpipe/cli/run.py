@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import json
+from typing import TYPE_CHECKING
 
 import click
 
 from mlpipe.cli.group import cli
+
+if TYPE_CHECKING:
+    from mlpipe.run.runner import RunPlan
 
 _ENV_MANAGERS = ["local", "uv", "virtualenv", "conda"]
 
@@ -187,7 +191,7 @@ def _print_plan(plan: dict, as_json: bool) -> None:
     click.echo(f"  command:     {plan['command']}")
 
 
-def echo_checks(plan) -> None:
+def echo_checks(plan: RunPlan) -> None:
     """The project's warnings and what its pre-flight check said, on stderr."""
     for finding in plan.project.warnings:
         click.echo(f"Warning: {finding}", err=True)

@@ -65,6 +65,21 @@ class ConventionChecks:
     def _warn(self, message: str, line: int | None) -> None:
         raise NotImplementedError
 
+    def _unknown_keys(
+        self, section: dict, known: tuple[str, ...], root: Any, *path: str, always: bool = False
+    ) -> None:
+        """An error for each key of the section at ``path`` that is not ``known``, with the
+        closest known key as a hint."""
+        for key in section:
+            if key not in known:
+                close = difflib.get_close_matches(str(key), known, n=1)
+                hint = f" (did you mean {close[0]}?)" if close else ""
+                self._error(
+                    f"unknown key {'.'.join(path)}.{key}{hint}",
+                    yaml_line(root, *path, str(key)),
+                    always,
+                )
+
     def _conventions(self, data: dict, root: Any) -> Conventions | None:
         section = data.get("mlpipe")
         if section is None:
@@ -79,12 +94,7 @@ class ConventionChecks:
         if not isinstance(section, dict):
             self._error("mlpipe: must be a mapping with " + ", ".join(CONVENTION_KEYS), line)
             return Conventions()
-        known = CONVENTION_KEYS + OPTIONAL_KEYS
-        for key in section:
-            if key not in known:
-                close = difflib.get_close_matches(str(key), known, n=1)
-                hint = f" (did you mean {close[0]}?)" if close else ""
-                self._error(f"unknown key mlpipe.{key}{hint}", yaml_line(root, "mlpipe", key))
+        self._unknown_keys(section, CONVENTION_KEYS + OPTIONAL_KEYS, root, "mlpipe")
         for key in CONVENTION_KEYS:
             if section.get(key) in (None, ""):
                 self._error(f"mlpipe.{key} is missing", line)
@@ -124,15 +134,7 @@ class ConventionChecks:
         if not isinstance(section, dict):
             self._error(shape, line, True)
             return None
-        for key in section:
-            if key not in PREFLIGHT_KEYS:
-                close = difflib.get_close_matches(str(key), PREFLIGHT_KEYS, n=1)
-                hint = f" (did you mean {close[0]}?)" if close else ""
-                self._error(
-                    f"unknown key mlpipe.preflight.{key}{hint}",
-                    yaml_line(root, "mlpipe", "preflight", str(key)),
-                    True,
-                )
+        self._unknown_keys(section, PREFLIGHT_KEYS, root, "mlpipe", "preflight", always=True)
         entry = section.get("entry_point")
         if not isinstance(entry, str) or not entry.strip():
             self._error(shape, line, True)
@@ -158,13 +160,7 @@ class ConventionChecks:
         if not isinstance(section, dict):
             self._error("mlpipe.sweep must be a mapping with " + ", ".join(SWEEP_KEYS), line, True)
             return None
-        for key in section:
-            if key not in SWEEP_KEYS:
-                close = difflib.get_close_matches(str(key), SWEEP_KEYS, n=1)
-                hint = f" (did you mean {close[0]}?)" if close else ""
-                self._error(
-                    f"unknown key mlpipe.sweep.{key}{hint}", yaml_line(root, "mlpipe", "sweep", key)
-                )
+        self._unknown_keys(section, SWEEP_KEYS, root, "mlpipe", "sweep")
         space = section.get("space")
         if not isinstance(space, dict) or not space:
             self._error(

@@ -16,7 +16,6 @@ last lines are shown as a warning and the run goes ahead.
 
 from __future__ import annotations
 
-import io
 import os
 import signal
 import sys
@@ -95,14 +94,14 @@ def run_preflight(
             f"The pre-flight entry point {name} cannot take the run's values: {exc}"
         ) from exc
     command = entry_point_command(project, entry, checked)
-    out, err = io.BytesIO(), io.BytesIO()
     began = time.perf_counter()
-    process = ProjectProcess(command, str(project.directory), _environ(), out, err)
-    try:
-        code = process.wait()
-    except BaseException:
-        process.stop(signal.SIGTERM)
-        raise
+    with open(os.devnull, "wb") as quiet:  # shown through the process's tail, not as it comes
+        process = ProjectProcess(command, str(project.directory), _environ(), quiet, quiet)
+        try:
+            code = process.wait()
+        except BaseException:
+            process.stop(signal.SIGTERM)
+            raise
     seconds = time.perf_counter() - began
     if code == REFUSED:
         raise PreflightRefusedError(_refusal(name, entry_point, process))
